@@ -1,0 +1,174 @@
+"""Pure-function networks: each constructor returns a pair ``(init, apply)``.
+
+``init(seed, dtype=tf.float32) -> list[tf.Tensor]`` builds the weight list deterministically from an
+integer seed; ``apply(weights, x) -> y`` is a pure function of its arguments. The weight list is the
+whole model: nothing is hidden in objects, so a ``GradientTape`` sees every weight.
+
+Task axis. ``x`` is either one batch ``[n, *in_shape]`` or a stack of tasks ``[T, n, *in_shape]``.
+Each weight is either shared (its base shape) or per task (a leading ``T`` axis, as MAML's adapted
+weights are). Batch normalisation always uses the statistics of one task's batch, never across tasks.
+
+Initialisation: convolution and dense kernels are Glorot-uniform (as the MAML reference code's
+Xavier initialisers), biases and batch-norm offsets zero, batch-norm scales one.
+"""
+
+import math
+
+import tensorflow as tf
+
+BN_EPSILON = 1e-3
+
+
+def _glorot(seed, index, shape, fan_in, fan_out, dtype):
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return tf.random.stateless_uniform(shape, seed=[seed, index], minval=-limit, maxval=limit,
+                                       dtype=dtype)
+
+
+def _check_seed(seed):
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+def _dense(x, w, b):
+    """x [..., n, d] times w [..., d, o] (w may carry a task axis), plus b [..., o]."""
+    return tf.matmul(x, w) + (b if b.shape.rank == 1 else b[:, None, :])
+
+
+def mlp(sizes, activation=tf.nn.relu, in_shape=None):
+    """Multi-layer perceptron with layer widths ``sizes`` (input first, output last).
+
+    ``mlp([784, 64, 64, 10], in_shape=(28, 28, 1))`` is the tutorial's MNIST classifier and
+    ``mlp([1, 40, 40, 1])`` the MAML sinusoid regressor. ``x`` is ``[n, *in_shape]`` or
+    ``[T, n, *in_shape]`` (``in_shape`` defaults to ``(sizes[0],)``) and is flattened to ``sizes[0]``
+    features. Weights: ``[w1 (d0,d1), b1 (d1,), w2 (d1,d2), b2 (d2,), ...]``.
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"mlp sizes must be at least two positive ints, got {sizes}")
+    in_shape = tuple(in_shape or (sizes[0],))
+    if math.prod(in_shape) != sizes[0]:
+        raise ValueError(f"in_shape {in_shape} has {math.prod(in_shape)} features, sizes[0] is {sizes[0]}")
+
+    def init(seed, dtype=tf.float32):
+        _check_seed(seed)
+        weights = []
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            weights += [_glorot(seed, i, [d_in, d_out], d_in, d_out, dtype), tf.zeros([d_out], dtype)]
+        return weights
+
+    def apply(weights, x):
+        lead = x.shape.rank - len(in_shape)
+        if lead not in (1, 2) or tuple(x.shape[lead:]) != in_shape:
+            raise ValueError(f"mlp expects x of shape [n, *{in_shape}] or [T, n, *{in_shape}], "
+                             f"got {x.shape}")
+        x = tf.reshape(x, x.shape[:lead] + [sizes[0]])
+        n_layers = len(sizes) - 1
+        for i in range(n_layers):
+            x = _dense(x, weights[2 * i], weights[2 * i + 1])
+            if i < n_layers - 1:
+                x = activation(x)
+        return x
+
+    return init, apply
+
+
+def _same_padding(size, stride):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + 3 - size, 0)
+    return out, [total // 2, total - total // 2]
+
+
+def _conv3x3(x, kernel, stride):
+    """3x3 'SAME' convolution of x [T, n, H, W, C].
+
+    A shared kernel [3, 3, C, O] runs as one ordinary convolution over all T*n images. A per-task
+    kernel [T, 3, 3, C, O] runs as patches (im2col) times the kernel in one batched matrix product,
+    which XLA compiles well on CPU and GPU and which differentiates to any order.
+    """
+    t, n, h, w, c = x.shape
+    if kernel.shape.rank == 4:
+        y = tf.nn.conv2d(tf.reshape(x, [t * n, h, w, c]), kernel, stride, "SAME")
+        return tf.reshape(y, [t, n] + y.shape[1:])
+    out_h, pad_h = _same_padding(h, stride)
+    out_w, pad_w = _same_padding(w, stride)
+    xp = tf.pad(x, [[0, 0], [0, 0], pad_h, pad_w, [0, 0]])
+    cols = [xp[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+            for i in range(3) for j in range(3)]
+    patches = tf.reshape(tf.concat(cols, -1), [t, n * out_h * out_w, 9 * c])
+    y = tf.matmul(patches, tf.reshape(kernel, [t, 9 * c, -1]))
+    return tf.reshape(y, [t, n, out_h, out_w, kernel.shape[-1]])
+
+
+def _per_channel(v):
+    # [C] broadcasts over [T, n, H, W, C]; a per-task [T, C] needs the middle axes.
+    return v if v.shape.rank == 1 else v[:, None, None, None, :]
+
+
+def _batch_norm(x, scale, offset):
+    """Normalise with this batch's statistics, per task (axes n, H, W); no running averages."""
+    mean, var = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(var + BN_EPSILON) * _per_channel(scale) + _per_channel(offset)
+
+
+def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4):
+    """The 4-block CNN of MAML and Prototypical Networks.
+
+    Each block: 3x3 convolution with ``channels`` filters, batch norm (current batch statistics,
+    learnable scale and offset), ReLU, then downsampling: ``pool='stride'`` makes the convolution
+    stride 2 (MAML Omniglot); ``pool='max'`` keeps stride 1 and adds 2x2 max pooling (MAML
+    MiniImageNet, ProtoNet). With ``n_way`` a dense head gives logits; ``n_way=None`` returns the
+    flattened embedding (ProtoNet: 64 features for 28x28x1 with max pooling).
+
+    Weights, in order: for each block ``kernel (3,3,C_in,channels), bn_scale (channels,),
+    bn_offset (channels,)``; then, with a head, ``w (D, n_way), b (n_way,)`` where ``D`` is
+    ``embedding_size``. There is no convolution bias: batch norm's offset makes it redundant.
+    """
+    if pool not in ("stride", "max"):
+        raise ValueError(f"pool must be 'stride' or 'max', got {pool!r}")
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ValueError(f"in_shape must be (height, width, channels), got {in_shape}")
+    if channels < 1 or blocks < 1 or (n_way is not None and n_way < 1):
+        raise ValueError("channels, blocks and n_way must be positive")
+    h, w = in_shape[0], in_shape[1]
+    for _ in range(blocks):
+        h, w = (-(-h // 2), -(-w // 2)) if pool == "stride" else (h // 2, w // 2)
+        if h < 1 or w < 1:
+            raise ValueError(f"in_shape {tuple(in_shape)} is too small for {blocks} blocks with "
+                             f"pool={pool!r}: the feature map vanishes")
+    embedding_size = h * w * channels
+
+    def init(seed, dtype=tf.float32):
+        _check_seed(seed)
+        weights = []
+        c_in = in_shape[2]
+        for b in range(blocks):
+            weights += [_glorot(seed, b, [3, 3, c_in, channels], 9 * c_in, 9 * channels, dtype),
+                        tf.ones([channels], dtype), tf.zeros([channels], dtype)]
+            c_in = channels
+        if n_way is not None:
+            weights += [_glorot(seed, blocks, [embedding_size, n_way], embedding_size, n_way, dtype),
+                        tf.zeros([n_way], dtype)]
+        return weights
+
+    def apply(weights, x):
+        single = x.shape.rank == 4
+        if single:
+            x = x[None]
+        if tuple(x.shape[2:]) != tuple(in_shape):
+            raise ValueError(f"conv4 expects images of shape {tuple(in_shape)}, got {x.shape[2:]}")
+        for b in range(blocks):
+            kernel, scale, offset = weights[3 * b:3 * b + 3]
+            x = _conv3x3(x, kernel, 2 if pool == "stride" else 1)
+            x = tf.nn.relu(_batch_norm(x, scale, offset))
+            if pool == "max":
+                t, n = x.shape[:2]
+                y = tf.nn.max_pool2d(tf.reshape(x, [t * n] + x.shape[2:]), 2, 2, "VALID")
+                x = tf.reshape(y, [t, n] + y.shape[1:])
+        x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
+        if n_way is not None:
+            x = _dense(x, weights[-2], weights[-1])
+        return x[0] if single else x
+
+    init.embedding_size = embedding_size
+    return init, apply
