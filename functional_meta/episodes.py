@@ -1,0 +1,146 @@
+"""N-way K-shot episode sampling, and ``tf.data`` pipelines with static shapes for compiled steps.
+
+Batch ``i`` of a sampler is a pure function of ``(seed, i)`` (its generator is
+``numpy.random.default_rng([seed, i])``), so the sampler's whole state is the index of the next batch
+and resuming is exact no matter how far a prefetching pipeline ran ahead.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from functional_meta import data as data_lib
+
+
+def _check_positive(**values):
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_seed(seed):
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+class EpisodeSampler:
+    """Meta-batches of ``n_way``-way ``k_shot``-shot classification episodes from a ``ClassData``.
+
+    Per episode: ``n_way`` distinct classes with labels 0..n_way-1 assigned at random; from each
+    class ``k_shot + q_query`` distinct images, the first ``k_shot`` for the support set and the rest
+    for the query set (so no image is in both); each set shuffled. ``sample()`` returns numpy
+    ``(support_x [B, N*K, H, W, C] float32 in [0, 1], support_y [B, N*K] int32,
+    query_x [B, N*Q, H, W, C] float32, query_y [B, N*Q] int32)``.
+    """
+
+    def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0):
+        _check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
+        _check_seed(seed)
+        if n_way > len(data):
+            raise ValueError(f"n_way={n_way} but the data has {len(data)} classes")
+        sizes = np.array([len(x) for x in data.images])
+        smallest = int(np.argmin(sizes))
+        if k_shot + q_query > sizes[smallest]:
+            raise ValueError(
+                f"k_shot + q_query = {k_shot} + {q_query} = {k_shot + q_query} images per class "
+                f"but the smallest class, {data.names[smallest]!r}, has {sizes[smallest]} images")
+        shapes = {x.shape[1:] for x in data.images}
+        if len(shapes) != 1:
+            raise ValueError(f"all classes must have one image shape, got {sorted(shapes)}")
+        self.n_way, self.k_shot, self.q_query, self.meta_batch = n_way, k_shot, q_query, meta_batch
+        self.seed = int(seed)
+        self.image_shape = shapes.pop()
+        self._images = np.concatenate(data.images)          # all images, class after class
+        self._sizes = sizes
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._next = 0
+
+    def _episode(self, rng):
+        """Indices into ``self._images`` and labels of one episode's support and query sets."""
+        n, k, q = self.n_way, self.k_shot, self.q_query
+        classes = rng.choice(len(self._sizes), n, replace=False)  # label j <- classes[j]
+        picks = np.stack([self._offsets[c] + rng.choice(self._sizes[c], k + q, replace=False)
+                          for c in classes])                   # [N, K+Q]
+        labels = np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (n, k + q))
+        support = rng.permutation(n * k)
+        query = rng.permutation(n * q)
+        return (picks[:, :k].ravel()[support], labels[:, :k].ravel()[support],
+                picks[:, k:].ravel()[query], labels[:, k:].ravel()[query])
+
+    def batch_indices(self, index):
+        """Image indices and labels of batch ``index``: ``(support_idx, support_y, query_idx,
+        query_y)``, each ``[B, ...]``; a pure function of ``(seed, index)``."""
+        rng = np.random.default_rng([self.seed, int(index)])
+        episodes = [self._episode(rng) for _ in range(self.meta_batch)]
+        return tuple(np.stack(column) for column in zip(*episodes))
+
+    def batch(self, index):
+        """Batch number ``index`` as float images and int32 labels; does not change the state."""
+        support_idx, support_y, query_idx, query_y = self.batch_indices(index)
+        return (self._images[support_idx].astype(np.float32) / 255.0, support_y,
+                self._images[query_idx].astype(np.float32) / 255.0, query_y)
+
+    def sample(self):
+        """The next batch; advances the state by one."""
+        self._next += 1
+        return self.batch(self._next - 1)
+
+    def get_state(self):
+        """JSON-able state: the seed and the index of the next batch."""
+        return {'seed': self.seed, 'next_batch': self._next}
+
+    def set_state(self, state):
+        if int(state['seed']) != self.seed:
+            raise ValueError(f"state has seed={state['seed']} but the sampler has seed={self.seed}")
+        self._next = int(state['next_batch'])
+
+    def signature(self):
+        """``tf.TensorSpec``s of a batch, all dimensions static."""
+        b, n = self.meta_batch, self.n_way
+        return (tf.TensorSpec((b, n * self.k_shot) + self.image_shape, tf.float32),
+                tf.TensorSpec((b, n * self.k_shot), tf.int32),
+                tf.TensorSpec((b, n * self.q_query) + self.image_shape, tf.float32),
+                tf.TensorSpec((b, n * self.q_query), tf.int32))
+
+
+def _indexed_dataset(batch_fn, signature, start_batch, num_batches, prefetch):
+    def generate():
+        stop = None if num_batches is None else start_batch + num_batches
+        index = start_batch
+        while stop is None or index < stop:
+            yield batch_fn(index)
+            index += 1
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return ds.prefetch(prefetch) if prefetch else ds
+
+
+def dataset(sampler, start_batch=None, num_batches=None, prefetch=2):
+    """``tf.data.Dataset`` of the sampler's batches ``start_batch, start_batch + 1, ...`` (default:
+    its current state), ``num_batches`` of them or endless, with fully static shapes, sampled on the
+    host while earlier batches are consumed (``prefetch`` batches ahead).
+
+    The dataset never changes the sampler's state, because prefetching runs ahead of consumption.
+    To resume training, save how many batches the loop consumed, ``k``, and build
+    ``dataset(sampler, start_batch=k)``: the continuation is identical.
+    """
+    start = sampler.get_state()['next_batch'] if start_batch is None else int(start_batch)
+    return _indexed_dataset(sampler.batch, sampler.signature(), start, num_batches, prefetch)
+
+
+def sinusoid_batch(meta_batch, k_support, k_query, seed, index):
+    """Sinusoid batch ``index`` as ``(support_x, support_y, query_x, query_y)``; a pure function of
+    ``(seed, index)`` like ``EpisodeSampler.batch``."""
+    return tuple(data_lib.sinusoid_tasks(meta_batch, k_support, k_query,
+                                         np.random.default_rng([seed, int(index)]))[:4])
+
+
+def sinusoid_dataset(meta_batch, k_support, k_query, seed=0, start_batch=0, num_batches=None,
+                     prefetch=2):
+    """``tf.data.Dataset`` of sinusoid regression batches ``support_x [B, K, 1], support_y,
+    query_x [B, Q, 1], query_y`` (float32, static shapes); resume with ``start_batch`` as in
+    ``dataset``."""
+    _check_positive(meta_batch=meta_batch, k_support=k_support, k_query=k_query)
+    _check_seed(seed)
+    signature = tuple(tf.TensorSpec((meta_batch, k, 1), tf.float32)
+                      for k in (k_support, k_support, k_query, k_query))
+    return _indexed_dataset(lambda i: sinusoid_batch(meta_batch, k_support, k_query, seed, i),
+                            signature, int(start_batch), num_batches, prefetch)

@@ -1,0 +1,140 @@
+"""Episode sampler invariants, determinism, resume, static-shape tf.data pipelines, bad requests."""
+
+import json
+
+import numpy as np
+import pytest
+
+from functional_meta import data, episodes
+
+
+def _indexed(num_classes=12, per_class=9, smallest=None):
+    """Class data whose every image spells out (class, image index) in its two pixels."""
+    sizes = [per_class] * num_classes
+    if smallest is not None:
+        sizes[-1] = smallest
+    images = [np.stack([np.array([c, i], np.uint8).reshape(2, 1, 1) for i in range(n)])
+              for c, n in enumerate(sizes)]
+    names = [f'c{c}' for c in range(num_classes)]
+    return data.ClassData(images, names, names)
+
+
+def _ids(x):
+    """(class, image) pairs of float images made by ``_indexed``: array [..., 2]."""
+    return np.round(x[..., 0] * 255).astype(int).reshape(x.shape[:-3] + (2,))
+
+
+def test_episode_invariants():
+    n, k, q, b = 5, 3, 4, 6
+    sampler = episodes.EpisodeSampler(_indexed(), n, k, q, meta_batch=b, seed=1)
+    sx, sy, qx, qy = sampler.sample()
+    assert sx.shape == (b, n * k, 2, 1, 1) and qx.shape == (b, n * q, 2, 1, 1)
+    assert sy.shape == (b, n * k) and qy.shape == (b, n * q)
+    assert sx.dtype == qx.dtype == np.float32 and sy.dtype == qy.dtype == np.int32
+    assert 0.0 <= sx.min() and sx.max() <= 1.0
+    ordered = 0
+    for e in range(b):
+        assert np.array_equal(np.bincount(sy[e], minlength=n), [k] * n)
+        assert np.array_equal(np.bincount(qy[e], minlength=n), [q] * n)
+        support, query = _ids(sx[e]), _ids(qx[e])
+        support_set = {tuple(p) for p in support}
+        assert len(support_set) == n * k and len({tuple(p) for p in query}) == n * q
+        assert not support_set & {tuple(p) for p in query}     # no image in both sets
+        classes = []
+        for label in range(n):                                 # one class per label, both sets
+            cls = set(support[sy[e] == label][:, 0]) | set(query[qy[e] == label][:, 0])
+            assert len(cls) == 1
+            classes += cls
+        assert len(set(classes)) == n
+        ordered += np.array_equal(sy[e], np.sort(sy[e]))
+    assert ordered < b                                          # shuffled within episodes
+
+
+def test_labels_are_assigned_at_random():
+    sampler = episodes.EpisodeSampler(_indexed(num_classes=3), 3, 1, 1, meta_batch=30, seed=0)
+    sx, sy, _, _ = sampler.sample()
+    label_of_class0 = [sy[e][_ids(sx[e])[:, 0] == 0][0] for e in range(30)]
+    assert set(label_of_class0) == {0, 1, 2}
+
+
+def test_same_seed_same_batches_and_resume():
+    d = _indexed()
+    a = episodes.EpisodeSampler(d, 4, 2, 3, meta_batch=2, seed=7)
+    b = episodes.EpisodeSampler(d, 4, 2, 3, meta_batch=2, seed=7)
+    other = episodes.EpisodeSampler(d, 4, 2, 3, meta_batch=2, seed=8)
+    first = [a.sample() for _ in range(3)]
+    for batch in first:
+        for x, y in zip(batch, b.sample()):
+            np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(first[0][0], other.sample()[0])
+    assert not np.array_equal(first[0][0], first[1][0])         # batches differ
+    state = json.loads(json.dumps(a.get_state()))
+    continued = [a.sample() for _ in range(2)]
+    resumed = episodes.EpisodeSampler(d, 4, 2, 3, meta_batch=2, seed=7)
+    resumed.set_state(state)
+    for batch, again in zip(continued, [resumed.sample() for _ in range(2)]):
+        for x, y in zip(batch, again):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match='seed'):
+        other.set_state(state)
+
+
+def test_dataset_static_shapes_and_exact_resume_with_prefetch():
+    sampler = episodes.EpisodeSampler(_indexed(), 5, 1, 2, meta_batch=3, seed=2)
+    ds = episodes.dataset(sampler, prefetch=4)
+    for spec in ds.element_spec:
+        assert spec.shape.is_fully_defined()
+    assert [s.shape.as_list() for s in ds.element_spec] == [[3, 5, 2, 1, 1], [3, 5],
+                                                             [3, 10, 2, 1, 1], [3, 10]]
+    consumed = [tuple(t.numpy() for t in batch) for batch in ds.take(4)]
+    assert sampler.get_state()['next_batch'] == 0       # the pipeline never moves the sampler
+    for i, batch in enumerate(consumed):
+        for x, y in zip(batch, sampler.batch(i)):
+            np.testing.assert_array_equal(x, y)
+    resumed = next(iter(episodes.dataset(sampler, start_batch=2, num_batches=1)))
+    for x, y in zip(resumed, consumed[2]):
+        np.testing.assert_array_equal(x.numpy(), y)
+    assert len(list(episodes.dataset(sampler, start_batch=5, num_batches=3))) == 3
+
+
+def test_dataset_starts_at_sampler_state():
+    sampler = episodes.EpisodeSampler(_indexed(), 2, 1, 1, seed=3)
+    sampler.set_state({'seed': 3, 'next_batch': 10})
+    first = next(iter(episodes.dataset(sampler)))
+    np.testing.assert_array_equal(first[0].numpy(), sampler.batch(10)[0])
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(n_way=30), r'n_way=30 but the data has 12 classes'),
+    (dict(n_way=0), 'n_way'),
+    (dict(k_shot=0), 'k_shot'),
+    (dict(q_query=-1), 'q_query'),
+    (dict(meta_batch=0), 'meta_batch'),
+    (dict(k_shot=2.5), 'k_shot'),
+    (dict(seed=-1), 'seed'),
+    (dict(k_shot=5, q_query=5), r"k_shot \+ q_query.*smallest class, 'c11', has 6"),
+])
+def test_bad_requests(kwargs, match):
+    args = {**dict(n_way=5, k_shot=1, q_query=1, meta_batch=2, seed=0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        episodes.EpisodeSampler(_indexed(smallest=6), **args)
+
+
+def test_mixed_image_shapes_rejected():
+    d = data.synthetic(3, 4, (2, 2, 1))
+    d = data.ClassData(d.images[:2] + [np.zeros((4, 3, 3, 1), np.uint8)], d.names, d.groups)
+    with pytest.raises(ValueError, match='shape'):
+        episodes.EpisodeSampler(d, 2, 1, 1)
+
+
+def test_sinusoid_dataset():
+    ds = episodes.sinusoid_dataset(4, 5, 7, seed=1)
+    assert [s.shape.as_list() for s in ds.element_spec] == [[4, 5, 1], [4, 5, 1], [4, 7, 1],
+                                                             [4, 7, 1]]
+    batches = [tuple(t.numpy() for t in b) for b in ds.take(3)]
+    assert not np.array_equal(batches[0][0], batches[1][0])
+    again = next(iter(episodes.sinusoid_dataset(4, 5, 7, seed=1, start_batch=2)))
+    np.testing.assert_array_equal(again[3].numpy(), batches[2][3])
+    assert np.abs(batches[0][1]).max() <= 5.0 and np.abs(batches[0][0]).max() <= 5.0
+    with pytest.raises(ValueError, match='k_query'):
+        episodes.sinusoid_dataset(4, 5, 0)
