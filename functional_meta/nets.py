@@ -58,6 +58,7 @@ def mlp(sizes, activation=tf.nn.relu, in_shape=None):
         return weights
 
     def apply(weights, x):
+        x = tf.convert_to_tensor(x, weights[0].dtype)
         lead = x.shape.rank - len(in_shape)
         if lead not in (1, 2) or tuple(x.shape[lead:]) != in_shape:
             raise ValueError(f"mlp expects x of shape [n, *{in_shape}] or [T, n, *{in_shape}], "
@@ -107,7 +108,10 @@ def _per_channel(v):
 
 def _batch_norm(x, scale, offset):
     """Normalise with this batch's statistics, per task (axes n, H, W); no running averages."""
-    mean, var = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
+    # Not tf.nn.moments: it stops the gradient through the mean inside the variance, which leaves
+    # first derivatives exact but silently breaks second-order ones (MAML's meta-gradient).
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2, 3], keepdims=True)
     return (x - mean) * tf.math.rsqrt(var + BN_EPSILON) * _per_channel(scale) + _per_channel(offset)
 
 
@@ -152,6 +156,7 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
         return weights
 
     def apply(weights, x):
+        x = tf.convert_to_tensor(x, weights[0].dtype)
         single = x.shape.rank == 4
         if single:
             x = x[None]

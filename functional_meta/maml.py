@@ -1,0 +1,251 @@
+"""MAML (Finn et al. 2017) with exact second-order meta-gradients over explicit weight lists.
+
+A meta-batch is ``tasks = (support_x, support_y, query_x, query_y)``, each with a leading task axis
+``T``. The inner loop runs on all tasks at once: the shared weights are broadcast to per-task
+copies ``[T, *shape]`` and one gradient of the *sum* of the per-task losses gives every task its own
+gradient (task ``i``'s loss depends only on copy ``i``). The network's ``apply`` takes per-task
+weights natively (see ``functional_meta.nets``), so nothing loops over tasks and the step compiles
+to one XLA graph whose size does not grow with the meta-batch.
+
+Inner learning rates (``inner_lr``) come in three forms sharing one code path:
+- a number: plain MAML's fixed alpha;
+- a list with one tensor per weight, broadcastable to it: Meta-SGD (weight-shaped, Li et al. 2017)
+  or one learned rate per layer;
+- a list over inner steps of such lists: MAML++ per-layer per-step rates (LSLR, Antoniou et al.
+  2019). Adapting for more steps than the list holds reuses its last entry.
+"""
+
+import tensorflow as tf
+
+from functional_meta import optim
+
+
+def cross_entropy(logits, labels):
+    """Per-task mean softmax cross-entropy: logits ``[T, n, N]``, labels ``[T, n]`` -> ``[T]``."""
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1)
+
+
+def mse(predictions, targets):
+    """Per-task mean squared error (the sinusoid experiment): ``[T, n, d]`` -> ``[T]``."""
+    return tf.reduce_mean(tf.square(predictions - targets), axis=[-2, -1])
+
+
+LOSSES = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+def _loss_fn(loss):
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
+    return LOSSES[loss]
+
+
+def step_lrs(inner_lr, step, n_weights):
+    """The learning rate of each weight at inner step ``step`` (see the module docstring)."""
+    if not isinstance(inner_lr, (list, tuple)):
+        return [inner_lr] * n_weights
+    if isinstance(inner_lr[0], (list, tuple)):
+        inner_lr = inner_lr[min(step, len(inner_lr) - 1)]
+    if len(inner_lr) != n_weights:
+        raise ValueError(f"inner_lr has {len(inner_lr)} entries for {n_weights} weights")
+    return list(inner_lr)
+
+
+def per_task(weights, num_tasks):
+    """Broadcast shared weights to per-task copies ``[T, *shape]`` (a no-op for per-task ones)."""
+    return [tf.broadcast_to(w, [num_tasks] + w.shape) for w in weights]
+
+
+def inner_step(apply_fn, weights, x, y, lrs, loss=cross_entropy, first_order=False):
+    """One SGD step on every task's support loss: ``w_i <- w_i - lr * grad L_i(w_i)``.
+
+    ``weights`` are per task. The gradient is taken inside the caller's tapes, so an outer tape
+    differentiates through it in second order; ``first_order=True`` stops that (FOMAML).
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        total = tf.reduce_sum(loss(apply_fn(weights, x), y))
+    grads = tape.gradient(total, weights)
+    if first_order:
+        grads = [tf.stop_gradient(g) for g in grads]
+    return [w - lr * g for w, lr, g in zip(weights, lrs, grads)]
+
+
+def adapt(apply_fn, weights, x, y, inner_lr, steps, loss=cross_entropy, first_order=False,
+          recompute=False):
+    """Algorithm 2, lines 5-7 of the MAML paper: ``steps`` SGD steps on each task's support set.
+
+    ``x``/``y`` carry a leading task axis; returns per-task adapted weights ``[T, *shape]``.
+    ``recompute=True`` stores no activations of the inner steps for the backward pass and
+    recomputes them instead (memory flat in ``steps``, for about one more forward-backward each).
+    """
+    for weights in adapt_trajectory(apply_fn, weights, x, y, inner_lr, steps, loss, first_order,
+                                    recompute):
+        pass
+    return weights
+
+
+def adapt_trajectory(apply_fn, weights, x, y, inner_lr, steps, loss=cross_entropy,
+                     first_order=False, recompute=False):
+    """Yields the per-task weights after each of the ``steps`` inner steps (see ``adapt``)."""
+    loss = _loss_fn(loss)
+    weights = per_task(weights, x.shape[0])
+    for s in range(steps):
+        lrs = step_lrs(inner_lr, s, len(weights))
+        if recompute:
+            weights = _recomputed_step(apply_fn, weights, x, y, lrs, loss, first_order)
+        else:
+            weights = inner_step(apply_fn, weights, x, y, lrs, loss, first_order)
+        yield weights
+
+
+def _recomputed_step(apply_fn, weights, x, y, lrs, loss, first_order):
+    """``inner_step`` whose activations are recomputed in the backward pass instead of stored."""
+    n = len(weights)
+    lrs = [tf.convert_to_tensor(lr, weights[0].dtype) for lr in lrs]
+
+    @tf.custom_gradient
+    def run(*flat):
+        def grad(*upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(flat)
+                out = inner_step(apply_fn, list(flat[:n]), x, y, list(flat[n:]), loss, first_order)
+            return tape.gradient(out, flat, output_gradients=list(upstream))
+        return inner_step(apply_fn, list(flat[:n]), x, y, list(flat[n:]), loss, first_order), grad
+
+    return list(run(*weights, *lrs))
+
+
+def meta_loss(apply_fn, weights, tasks, *, inner_lr, inner_steps, first_order=False,
+              loss="cross_entropy", step_weights=None, recompute=False):
+    """Mean query loss over the meta-batch after adaptation (Algorithm 2, line 10's objective).
+
+    ``step_weights`` (MAML++ multi-step loss): one weight per inner step; the objective becomes
+    ``sum_s step_weights[s] * query_loss(after step s+1)``. ``None`` means only the last step.
+    Returns ``(loss, query_outputs)`` where ``query_outputs`` are the outputs after the last step.
+    """
+    support_x, support_y, query_x, query_y = tasks
+    loss_fn = _loss_fn(loss)
+    if step_weights is None:
+        step_weights = [0.0] * (inner_steps - 1) + [1.0]
+    if len(step_weights) != inner_steps:
+        raise ValueError(f"step_weights has {len(step_weights)} entries for inner_steps={inner_steps}")
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+    total = 0.0
+    trajectory = adapt_trajectory(apply_fn, weights, support_x, support_y, inner_lr, inner_steps,
+                                  loss_fn, first_order, recompute)
+    for s, (adapted, step_weight) in enumerate(zip(trajectory, step_weights)):
+        if step_weight or s == inner_steps - 1:
+            outputs = apply_fn(adapted, query_x)
+            total += step_weight * tf.reduce_mean(loss_fn(outputs, query_y))
+    return total, outputs
+
+
+def meta_gradients(apply_fn, weights, tasks, *, inner_lr, inner_steps, first_order=False,
+                   loss="cross_entropy", step_weights=None, recompute=False):
+    """The meta-loss and its exact gradient with respect to ``weights`` (one entry per weight).
+
+    Second order by default: the tape sees the inner gradient computation and differentiates
+    through it. Example::
+
+        init, apply = nets.conv4(n_way=5)
+        weights = init(seed=0)
+        loss, grads = maml.meta_gradients(apply, weights, tasks, inner_lr=0.4, inner_steps=1)
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        value, _ = meta_loss(apply_fn, weights, tasks, inner_lr=inner_lr, inner_steps=inner_steps,
+                             first_order=first_order, loss=loss, step_weights=step_weights,
+                             recompute=recompute)
+    return value, tape.gradient(value, weights)
+
+
+def init_inner_lrs(weights, inner_lr, mode, inner_steps=1):
+    """Learnable inner learning rates initialised to ``inner_lr``.
+
+    ``mode='fixed'`` returns a scalar tensor (nothing is learned); ``'metasgd'`` one rate per weight
+    element; ``'lslr'`` one rate per weight tensor and inner step.
+    """
+    dtype = weights[0].dtype
+    if mode == "fixed":
+        return tf.constant(inner_lr, dtype)
+    if mode == "metasgd":
+        return [tf.fill(w.shape, tf.cast(inner_lr, dtype)) for w in weights]
+    if mode == "lslr":
+        return [[tf.constant(inner_lr, dtype) for _ in weights] for _ in range(inner_steps)]
+    raise ValueError(f"inner-lr mode must be 'fixed', 'metasgd' or 'lslr', got {mode!r}")
+
+
+def init_state(weights, inner_lr=0.4, lr_mode="fixed", inner_steps=1):
+    """Meta-training state: ``{'weights', 'inner_lr', 'opt'}``, all plain tensors.
+
+    The outer optimiser (Adam) updates the weights and, unless ``lr_mode='fixed'``, the inner rates.
+    """
+    lrs = init_inner_lrs(weights, inner_lr, lr_mode, inner_steps)
+    learned = [] if lr_mode == "fixed" else tf.nest.flatten(lrs)
+    return {"weights": list(weights), "inner_lr": lrs, "opt": optim.adam_init(list(weights) + learned)}
+
+
+def make_train_step(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
+                    loss="cross_entropy", step_weights=None, clip_norm=None, recompute=False,
+                    jit_compile=True):
+    """The whole meta-training step as one compiled function: ``step(state, tasks) -> (state, metrics)``.
+
+    Inner loop over the meta-batch, meta-gradient through it (second order unless ``first_order``),
+    optional gradient clipping and the Adam update, in one ``tf.function(jit_compile=...)``.
+    ``metrics`` holds the meta-loss and, for classification, the post-adaptation query accuracy.
+    """
+    loss_name = loss
+
+    @tf.function(jit_compile=jit_compile)
+    def step(state, tasks):
+        weights, inner_lr = state["weights"], state["inner_lr"]
+        learned = tf.nest.flatten(inner_lr) if isinstance(inner_lr, (list, tuple)) else []
+        params = list(weights) + learned
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            value, outputs = meta_loss(apply_fn, weights, tasks, inner_lr=inner_lr,
+                                       inner_steps=inner_steps, first_order=first_order,
+                                       loss=loss_name, step_weights=step_weights,
+                                       recompute=recompute)
+        grads = optim.clip_by_global_norm(tape.gradient(value, params), clip_norm)
+        params, opt = optim.adam_update(grads, params, state["opt"], outer_lr)
+        n = len(weights)
+        new_lr = tf.nest.pack_sequence_as(inner_lr, params[n:]) if learned else inner_lr
+        metrics = {"loss": value}
+        if loss_name == "cross_entropy":
+            metrics["accuracy"] = _accuracy(outputs, tasks[3])
+        return {"weights": params[:n], "inner_lr": new_lr, "opt": opt}, metrics
+
+    return step
+
+
+def _accuracy(logits, labels):
+    hits = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
+    return tf.reduce_mean(tf.cast(hits, tf.float32))
+
+
+def make_eval_step(apply_fn, *, inner_steps, loss="cross_entropy", jit_compile=True):
+    """Adapt on each support set (``inner_steps`` may differ from training) and score the queries.
+
+    Returns ``evaluate(weights, inner_lr, tasks) -> (per-task query loss [T], per-task accuracy [T])``
+    (accuracy only for classification; for regression the second value is the loss again).
+    """
+    loss_fn = _loss_fn(loss)
+
+    @tf.function(jit_compile=jit_compile)
+    def evaluate(weights, inner_lr, tasks):
+        support_x, support_y, query_x, query_y = tasks
+        adapted = adapt(apply_fn, weights, support_x, support_y, inner_lr, inner_steps, loss_fn,
+                        first_order=True)
+        outputs = apply_fn(adapted, query_x)
+        losses = loss_fn(outputs, query_y)
+        if loss == "cross_entropy":
+            hits = tf.equal(tf.argmax(outputs, -1, output_type=query_y.dtype), query_y)
+            return losses, tf.reduce_mean(tf.cast(hits, losses.dtype), axis=-1)
+        return losses, losses
+
+    return evaluate

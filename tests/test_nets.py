@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from functional_meta import nets
+
+
+def np_conv3x3_same(x, k, stride):
+    """Straightforward loops: x [n, H, W, C], k [3, 3, C, O], TF 'SAME' padding."""
+    n, h, w, c = x.shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph = max((oh - 1) * stride + 3 - h, 0)
+    pw = max((ow - 1) * stride + 3 - w, 0)
+    xp = np.pad(x, [(0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)])
+    out = np.zeros([n, oh, ow, k.shape[-1]])
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, i * stride:i * stride + 3, j * stride:j * stride + 3, :]
+            out[:, i, j, :] = np.einsum("nabc,abco->no", patch, k)
+    return out
+
+
+def np_conv4(weights, x, pool, blocks, head):
+    w = [np.asarray(v, np.float64) for v in weights]
+    for b in range(blocks):
+        k, scale, offset = w[3 * b:3 * b + 3]
+        x = np_conv3x3_same(x, k, 2 if pool == "stride" else 1)
+        mean = x.mean(axis=(0, 1, 2))
+        var = x.var(axis=(0, 1, 2))
+        x = np.maximum((x - mean) / np.sqrt(var + nets.BN_EPSILON) * scale + offset, 0)
+        if pool == "max":
+            n, h, ww, c = x.shape
+            x = x[:, :h // 2 * 2, :ww // 2 * 2].reshape(n, h // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+    x = x.reshape(x.shape[0], -1)
+    return x @ w[-2] + w[-1] if head else x
+
+
+@pytest.mark.parametrize("pool,shape,blocks", [("stride", (9, 9, 2), 3), ("max", (12, 10, 3), 2)])
+def test_conv4_matches_reference_loops(pool, shape, blocks):
+    init, apply = nets.conv4(n_way=4, channels=5, in_shape=shape, pool=pool, blocks=blocks)
+    weights = init(3, dtype=tf.float64)
+    x = np.random.default_rng(0).normal(size=(6,) + shape)
+    got = apply(weights, tf.constant(x)).numpy()
+    np.testing.assert_allclose(got, np_conv4(weights, x, pool, blocks, True), rtol=1e-9, atol=1e-9)
+
+
+def test_conv4_task_axis_per_task_weights_equal_separate_calls():
+    init, apply = nets.conv4(n_way=3, channels=4, in_shape=(8, 8, 1), blocks=2)
+    w_a, w_b = init(0, tf.float64), init(1, tf.float64)
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, 5, 8, 8, 1)))
+    stacked = [tf.stack([a, b]) for a, b in zip(w_a, w_b)]
+    got = apply(stacked, x).numpy()
+    np.testing.assert_allclose(got[0], apply(w_a, x[0]).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], apply(w_b, x[1]).numpy(), rtol=1e-10, atol=1e-12)
+    # Shared weights over a task axis: batch norm statistics stay per task.
+    shared = apply(w_a, x).numpy()
+    np.testing.assert_allclose(shared[1], apply(w_a, x[1]).numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_conv4_weight_list_shapes_and_embedding_sizes():
+    init, apply = nets.conv4(n_way=5)
+    shapes = [tuple(w.shape) for w in init(0)]
+    assert shapes == [(3, 3, 1, 64), (64,), (64,)] + [(3, 3, 64, 64), (64,), (64,)] * 3 + [(256, 5), (5,)]
+    assert nets.conv4(None, pool="max")[0].embedding_size == 64
+    init, apply = nets.conv4(None, channels=32, in_shape=(84, 84, 3), pool="max")
+    assert init.embedding_size == 800
+    assert apply(init(0), tf.zeros([2, 84, 84, 3])).shape == (2, 800)
+
+
+def test_init_is_deterministic_per_seed_and_dtype():
+    init, _ = nets.conv4(n_way=5, channels=8)
+    a, b, c = init(7), init(7), init(8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+    assert init(7, tf.float64)[0].dtype == tf.float64
+    limit = np.sqrt(6.0 / (9 + 9 * 8))
+    assert np.abs(a[0]).max() <= limit and np.abs(a[0]).max() > 0.5 * limit
+
+
+def test_mlp_matches_numpy_and_task_axis():
+    init, apply = nets.mlp([6, 5, 3], in_shape=(2, 3))
+    w = init(0, tf.float64)
+    x = np.random.default_rng(2).normal(size=(4, 2, 3))
+    h = np.maximum(x.reshape(4, 6) @ w[0].numpy() + w[1].numpy(), 0)
+    np.testing.assert_allclose(apply(w, tf.constant(x)).numpy(), h @ w[2].numpy() + w[3].numpy())
+    stacked = [tf.stack([v, 2 * v]) for v in w]
+    xt = tf.constant(np.stack([x, x]))
+    np.testing.assert_allclose(apply(stacked, xt)[1].numpy(), apply([2 * v for v in w], x).numpy())
+    assert [tuple(v.shape) for v in nets.mlp([1, 40, 40, 1])[0](0)] == [(1, 40), (40,), (40, 40), (40,), (40, 1), (1,)]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: nets.conv4(5, in_shape=(8, 8, 1), pool="max"), "too small"),
+    (lambda: nets.conv4(5, pool="avg"), "pool"),
+    (lambda: nets.mlp([3]), "sizes"),
+    (lambda: nets.mlp([4, 2], in_shape=(3,)), "in_shape"),
+    (lambda: nets.conv4(5)[0](-1), "seed"),
+])
+def test_bad_arguments_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_apply_rejects_wrong_image_shape():
+    init, apply = nets.conv4(5)
+    with pytest.raises(ValueError, match=r"\(28, 28, 1\)"):
+        apply(init(0), tf.zeros([2, 32, 32, 1]))
