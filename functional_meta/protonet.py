@@ -181,14 +181,20 @@ def _correct(out, labels, dtype):
     return tf.cast(tf.equal(tf.argmax(out, axis=-1, output_type=labels.dtype), labels), dtype)
 
 
-def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=True):
-    """Returns ``step(weights, opt_state, episodes) -> (weights, opt_state, loss, accuracy)``.
+def init_state(weights):
+    """Training state ``{'weights', 'opt'}`` of plain tensors (as ``maml.init_state``)."""
+    weights = _as_weights(weights)
+    return {"weights": weights, "opt": optim.adam_init(weights)}
 
-    Loss, gradient (a ``GradientTape`` over the explicit weight list) and the Adam update run in
-    one ``tf.function(jit_compile=jit_compile)``; ``accuracy`` is over every query of the
-    meta-batch. ``opt_state`` comes from ``optim.adam_init(weights)``. The step is pure: it returns
-    new tensors and keeps nothing. Calls with the same shapes and dtypes reuse one trace.
-    On CPU, ``jit_compile=False`` (oneDNN convolutions) can be the faster choice.
+
+def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=True):
+    """Returns ``step(state, episodes) -> (state, metrics)``, the same contract as MAML's step.
+
+    ``state`` comes from ``init_state(weights)``; ``metrics`` holds ``loss`` and ``accuracy`` (over
+    every query of the meta-batch). Loss, gradient (a ``GradientTape`` over the explicit weight
+    list) and the Adam update run in one ``tf.function(jit_compile=jit_compile)``. The step is
+    pure: it returns new tensors and keeps nothing. Calls with the same shapes and dtypes reuse one
+    trace. On CPU, ``jit_compile=False`` (oneDNN convolutions) can be the faster choice.
 
     The first call checks the labels with ``validate_episode`` before anything is traced; call
     ``validate_episode`` yourself to check later batches. ``step.compiled`` is the
@@ -198,28 +204,29 @@ def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=Tr
     _check_metric(metric)
 
     @tf.function(jit_compile=jit_compile)
-    def compiled(weights, opt_state, episodes):
+    def compiled(state, episodes):
+        weights = state["weights"]
         with tf.GradientTape() as tape:
             tape.watch(weights)
             loss, out = loss_and_logits(apply_fn, weights, episodes, n_way, metric)
         grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        weights, opt_state = optim.adam_update(grads, weights, opt_state, lr)
+        weights, opt_state = optim.adam_update(grads, weights, state["opt"], lr)
         accuracy = tf.reduce_mean(_correct(out, episodes[3], loss.dtype))
-        return weights, opt_state, loss, accuracy
+        return {"weights": weights, "opt": opt_state}, {"loss": loss, "accuracy": accuracy}
 
     checked = []
 
-    def step(weights, opt_state, episodes):
-        weights = _as_weights(weights)
+    def step(state, episodes):
+        weights = _as_weights(state["weights"])
         if not weights:
             raise ValueError("make_train_step needs a non-empty weight list")
         if not checked:
             _validate_raw(episodes, n_way)
             checked.append(True)
         episodes = _as_episodes(episodes, weights[0].dtype)
-        count, m, v = opt_state
+        count, m, v = state["opt"]
         opt_state = (tf.convert_to_tensor(count), _as_weights(m), _as_weights(v))
-        return compiled(weights, opt_state, episodes)
+        return compiled({"weights": weights, "opt": opt_state}, episodes)
 
     step.compiled = compiled
     step.tracing_count = compiled.experimental_get_tracing_count

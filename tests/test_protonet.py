@@ -292,14 +292,15 @@ def test_train_steps_reduce_loss_without_retracing():
     rng = np.random.default_rng(14)
     init, apply = small_conv4(channels=8)
     weights = init(0)
-    opt_state = optim.adam_init(weights)
+    state = protonet.init_state(weights)
     step = protonet.make_train_step(apply, 5, lr=3e-3, jit_compile=False)
     losses = []
     for _ in range(30):
         episodes = make_episodes(rng, 4, 5, 1, 5, noise=1.5)
-        weights, opt_state, loss, accuracy = step(weights, opt_state, episodes)
-        assert 0.0 <= float(accuracy) <= 1.0
-        losses.append(float(loss))
+        state, out = step(state, episodes)
+        assert 0.0 <= float(out["accuracy"]) <= 1.0
+        losses.append(float(out["loss"]))
+    weights, opt_state = state["weights"], state["opt"]
     assert step.tracing_count() == 1
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
@@ -318,19 +319,20 @@ def test_train_step_is_pure_and_matches_manual_update():
     opt_state = optim.adam_init(weights)
     episodes = make_episodes(np.random.default_rng(15), 2, 3, 2, 3)
     step = protonet.make_train_step(apply, 3, lr=1e-2, jit_compile=False)
-    first = step(weights, opt_state, episodes)
-    again = step(weights, opt_state, episodes)          # same inputs, same outputs
-    for a, b in zip(first[0], again[0]):
+    state = {"weights": weights, "opt": opt_state}
+    first = step(state, episodes)
+    again = step(state, episodes)          # same inputs, same outputs
+    for a, b in zip(first[0]["weights"], again[0]["weights"]):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     tensors = tuple(tf.constant(e) for e in episodes)
     with tf.GradientTape() as tape:
         tape.watch(weights)
         loss, out = protonet.loss_and_logits(apply, weights, tensors, 3)
     manual, _ = optim.adam_update(tape.gradient(loss, weights), weights, opt_state, 1e-2)
-    np.testing.assert_allclose(first[2].numpy(), loss.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(first[3].numpy(),
+    np.testing.assert_allclose(first[1]["loss"].numpy(), loss.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(first[1]["accuracy"].numpy(),
                                metrics.accuracy(out.numpy(), episodes[3]), rtol=1e-6)
-    for a, b in zip(first[0], manual):
+    for a, b in zip(first[0]["weights"], manual):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -343,13 +345,13 @@ def test_jit_compile_matches_plain_function():
     results = {}
     for jit in (True, False):
         step = protonet.make_train_step(apply, 5, jit_compile=jit)
-        w, s = weights, opt_state
+        state = {"weights": weights, "opt": opt_state}
         losses = []
         for episodes in batches:
-            w, s, loss, _ = step(w, s, episodes)
-            losses.append(float(loss))
+            state, out = step(state, episodes)
+            losses.append(float(out["loss"]))
         assert step.tracing_count() == 1
-        results[jit] = losses, w
+        results[jit] = losses, state["weights"]
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
     for a, b in zip(results[True][1], results[False][1]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
@@ -393,7 +395,7 @@ def test_steps_reject_bad_labels_before_tracing():
     missing[0] = [0, 0, 1]
     step = protonet.make_train_step(apply, 3, jit_compile=False)
     with pytest.raises(ValueError, match="episode 0: .*no example of class 2"):
-        step(weights, optim.adam_init(weights), (support_x, missing, query_x, query_y))
+        step(protonet.init_state(weights), (support_x, missing, query_x, query_y))
     assert step.tracing_count() == 0
     eval_step = protonet.make_eval_step(apply, 3, jit_compile=False)
     bad_query = query_y.copy()
