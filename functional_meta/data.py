@@ -306,3 +306,37 @@ def sinusoid_tasks(meta_batch, k_support, k_query, rng=0):
     x, y = x.astype(np.float32), y.astype(np.float32)
     return SinusoidTasks(x[:, :k_support], y[:, :k_support], x[:, k_support:], y[:, k_support:],
                          amplitude.astype(np.float32), phase.astype(np.float32))
+
+
+SOURCES = ('synthetic', 'omniglot', 'omniglot_tfds', 'mnist', 'mnist_tfds', 'folder')
+
+
+def load(source, path=None, split='train', image_size=28, rotations=False, image_shape=(28, 28, 1),
+         seed=0):
+    """One call for every image source, as the binaries' ``--data``/``--data_path`` flags name them.
+
+    ``omniglot``: ``path`` is a zip or folder, or several joined with ``,``. ``omniglot_tfds`` and
+    ``mnist_tfds``: ``split`` is the TFDS split and ``path`` an optional ``data_dir``. ``mnist``: a
+    Keras ``.npz``. ``folder``: an image folder. ``synthetic``: 64 classes of 20 images of
+    ``image_shape`` (no ``path``). Errors name the source or path and what would be accepted.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+    needs_path = source in ('omniglot', 'mnist', 'folder')
+    if needs_path and not path:
+        raise ValueError(f"data source {source!r} needs a path (--data_path)")
+    if needs_path:
+        for p in str(path).split(','):
+            if not os.path.exists(p):
+                raise ValueError(f"data path {p} does not exist")
+    if source == 'synthetic':
+        return synthetic(64, 20, image_shape, seed)
+    if source == 'omniglot':
+        return omniglot_zip(str(path).split(','), image_size, rotations)
+    if source == 'omniglot_tfds':
+        return omniglot_tfds(split, image_size, rotations, data_dir=path)
+    if source == 'mnist':
+        return mnist_npz(path, split)
+    if source == 'mnist_tfds':
+        return mnist_tfds(split, data_dir=path)
+    return image_folder(path, image_size=image_size, grayscale=image_shape[-1] == 1)

@@ -1,0 +1,78 @@
+"""The published configurations, as plain dictionaries, so nobody has to remember them.
+
+Every preset names its algorithm family, network and episode shape; binaries start from a preset
+and let any flag override a field. Values follow the papers: MAML (Finn et al. 2017, Section 5 and
+its reference code), Prototypical Networks (Snell et al. 2017, Section 3).
+"""
+
+from functional_meta import nets
+
+# Fields: net ('conv4' | 'mlp'), channels, pool, image_shape, hidden (mlp), n_way, k_shot, q_query,
+# meta_batch, inner_steps, test_inner_steps, inner_lr, outer_lr, loss, data.
+PRESETS = {
+    # MAML Omniglot 5-way: stride-2 conv4, 64 filters, meta-batch 32, one step with alpha 0.4.
+    "maml_omniglot_5way": dict(
+        family="maml", net="conv4", channels=64, pool="stride", image_shape=(28, 28, 1),
+        n_way=5, k_shot=1, q_query=1, meta_batch=32, inner_steps=1, test_inner_steps=3,
+        inner_lr=0.4, outer_lr=1e-3, loss="cross_entropy", data="omniglot"),
+    # MAML Omniglot 20-way: meta-batch 16, five steps with alpha 0.1.
+    "maml_omniglot_20way": dict(
+        family="maml", net="conv4", channels=64, pool="stride", image_shape=(28, 28, 1),
+        n_way=20, k_shot=1, q_query=1, meta_batch=16, inner_steps=5, test_inner_steps=5,
+        inner_lr=0.1, outer_lr=1e-3, loss="cross_entropy", data="omniglot"),
+    # MAML MiniImageNet: 84x84x3, 32 filters, max pooling, meta-batch 4, five steps (ten at test).
+    "maml_miniimagenet": dict(
+        family="maml", net="conv4", channels=32, pool="max", image_shape=(84, 84, 3),
+        n_way=5, k_shot=1, q_query=15, meta_batch=4, inner_steps=5, test_inner_steps=10,
+        inner_lr=0.01, outer_lr=1e-3, loss="cross_entropy", data="synthetic"),
+    # MAML sinusoid regression: 1-40-40-1 ReLU MLP, K=10, meta-batch 25, alpha 0.01.
+    "maml_sinusoid": dict(
+        family="maml", net="mlp", hidden=(40, 40), image_shape=(1,), n_way=1, k_shot=10,
+        q_query=10, meta_batch=25, inner_steps=1, test_inner_steps=10, inner_lr=0.01,
+        outer_lr=1e-3, loss="mse", data="sinusoid"),
+    # The tutorial's 784-64-64-N MLP on MNIST-shaped 5-way 5-shot tasks.
+    "maml_mnist_mlp": dict(
+        family="maml", net="mlp", hidden=(64, 64), image_shape=(28, 28, 1), n_way=5, k_shot=5,
+        q_query=5, meta_batch=8, inner_steps=1, test_inner_steps=5, inner_lr=0.4, outer_lr=1e-3,
+        loss="cross_entropy", data="mnist"),
+    # ProtoNet Omniglot: max-pool conv4 embedding (64-d), 60-way 5-shot 5-query training episodes.
+    "protonet_omniglot": dict(
+        family="protonet", net="conv4", channels=64, pool="max", image_shape=(28, 28, 1),
+        n_way=60, k_shot=5, q_query=5, meta_batch=1, outer_lr=1e-3, test_n_way=5,
+        data="omniglot"),
+    # ProtoNet MiniImageNet: 84x84x3, 64 filters, 30-way 1-shot 15-query training episodes.
+    "protonet_miniimagenet": dict(
+        family="protonet", net="conv4", channels=64, pool="max", image_shape=(84, 84, 3),
+        n_way=30, k_shot=1, q_query=15, meta_batch=1, outer_lr=1e-3, test_n_way=5,
+        data="synthetic"),
+}
+
+
+def get(name, **overrides):
+    """A copy of preset ``name`` with ``overrides`` applied (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    config = dict(PRESETS[name])
+    unknown = set(overrides) - set(config) - {"hidden", "channels", "pool", "test_n_way"}
+    if unknown:
+        raise ValueError(f"preset {name!r} has no field(s) {sorted(unknown)}")
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config
+
+
+def network(config, n_way=None):
+    """``(init, apply)`` for a preset's network; ``n_way`` overrides the head size (``None`` keeps
+    the config's; ProtoNet configs have no head)."""
+    way = n_way or config["n_way"]
+    if config["net"] == "conv4":
+        head = None if config["family"] == "protonet" else way
+        return nets.conv4(head, channels=config["channels"], in_shape=tuple(config["image_shape"]),
+                          pool=config["pool"])
+    if config["net"] == "mlp":
+        shape = tuple(config["image_shape"])
+        size = 1
+        for d in shape:
+            size *= d
+        out = 1 if config["loss"] == "mse" else way
+        return nets.mlp([size, *config["hidden"], out], in_shape=shape)
+    raise ValueError(f"unknown net {config['net']!r}; choose 'conv4' or 'mlp'")
