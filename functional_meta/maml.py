@@ -34,7 +34,7 @@ def mse(predictions, targets):
 LOSSES = {"cross_entropy": cross_entropy, "mse": mse}
 
 
-def _loss_fn(loss):
+def loss_function(loss):
     if callable(loss):
         return loss
     if loss not in LOSSES:
@@ -90,7 +90,7 @@ def adapt(apply_fn, weights, x, y, inner_lr, steps, loss=cross_entropy, first_or
 def adapt_trajectory(apply_fn, weights, x, y, inner_lr, steps, loss=cross_entropy,
                      first_order=False, recompute=False):
     """Yields the per-task weights after each of the ``steps`` inner steps (see ``adapt``)."""
-    loss = _loss_fn(loss)
+    loss = loss_function(loss)
     weights = per_task(weights, x.shape[0])
     for s in range(steps):
         lrs = step_lrs(inner_lr, s, len(weights))
@@ -127,7 +127,7 @@ def meta_loss(apply_fn, weights, tasks, *, inner_lr, inner_steps, first_order=Fa
     Returns ``(loss, query_outputs)`` where ``query_outputs`` are the outputs after the last step.
     """
     support_x, support_y, query_x, query_y = tasks
-    loss_fn = _loss_fn(loss)
+    loss_fn = loss_function(loss)
     if step_weights is None:
         step_weights = [0.0] * (inner_steps - 1) + [1.0]
     if len(step_weights) != inner_steps:
@@ -234,7 +234,7 @@ def make_eval_step(apply_fn, *, inner_steps, loss="cross_entropy", jit_compile=T
     Returns ``evaluate(weights, inner_lr, tasks) -> (per-task query loss [T], per-task accuracy [T])``
     (accuracy only for classification; for regression the second value is the loss again).
     """
-    loss_fn = _loss_fn(loss)
+    loss_fn = loss_function(loss)
 
     @tf.function(jit_compile=jit_compile)
     def evaluate(weights, inner_lr, tasks):
