@@ -214,10 +214,7 @@ def _check_options(algorithm, options):
         steps = options.get("inner_steps")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"inner_steps must be a positive integer, got {steps!r}")
-        loss = options.get("loss", "cross_entropy")
-        if not callable(loss) and loss not in maml.LOSSES:
-            raise ValueError(f"loss must be one of {sorted(maml.LOSSES)} or a callable, "
-                             f"got {loss!r}")
+        maml.loss_function(options.get("loss", "cross_entropy"))
     else:
         n_way = options.get("n_way")
         if isinstance(n_way, bool) or not isinstance(n_way, (int, np.integer)) or n_way < 1:
