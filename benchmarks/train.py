@@ -1,0 +1,241 @@
+"""Meta-train MAML, FOMAML, Meta-SGD, MAML++ LSLR or ProtoNet on any data source.
+
+Hyper-parameters default to a published preset (--preset; chosen from --algorithm and --data when
+omitted); any flag given overrides the preset's value. Progress lines every --log_every steps,
+validation on held-out classes every --val_every steps, TensorBoard summaries, checkpoints and
+config.json in --out_dir; --resume continues a stopped run exactly.
+
+Examples:
+  fm-train --algorithm=protonet --data=omniglot --data_path=images_background.zip --rotations \\
+      --n_way=60 --k_shot=1 --out_dir=/tmp/protonet
+  fm-train --algorithm=maml --data=sinusoid --steps=70000 --out_dir=/tmp/maml_sinusoid --plots
+  fm-train --algorithm=maml --lr_mode=lslr --data=synthetic --out_dir=/tmp/lslr
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from functional_meta import presets, training
+
+FLAGS = flags.FLAGS
+
+# Data, class splits and episode shape. fm-train and fm-eval define these flags identically
+# (allow_override lets both binaries be imported into one process); in fm-eval a flag left unset
+# takes the checkpoint's value from its config.json.
+_SHARED = dict(allow_override=True)
+flags.DEFINE_enum("data", None, list(training.DATA_SOURCES),
+                  "Data source; default: the preset's (fm-eval: the checkpoint's). 'sinusoid' is "
+                  "the MAML regression task.", **_SHARED)
+flags.DEFINE_string("data_path", None,
+                    "Zip/folder/.npz of the source (several Omniglot zips joined by ','); for the "
+                    "TFDS sources an optional data_dir.", **_SHARED)
+flags.DEFINE_bool("rotations", False, "Add each class rotated by 90/180/270 degrees as new "
+                  "classes (training split only; validation and test use the originals).",
+                  **_SHARED)
+flags.DEFINE_list("train_groups", None, "Groups (Omniglot alphabets) for meta-training; default: "
+                  "all not in --val_groups/--test_groups.", **_SHARED)
+flags.DEFINE_list("val_groups", None, "Groups for validation; default: --val_fraction of the "
+                  "training classes.", **_SHARED)
+flags.DEFINE_list("test_groups", None, "Groups for meta-testing; default: all groups not used for "
+                  "training or validation.", **_SHARED)
+flags.DEFINE_list("exclude_groups", None, "Groups dropped before any split.", **_SHARED)
+flags.DEFINE_list("split", ["0.7", "0.1", "0.2"], "Train,val,test fractions of the groups, used "
+                  "when neither --train_groups nor --test_groups is given.", **_SHARED)
+flags.DEFINE_float("val_fraction", 0.1, "With group lists and no --val_groups: the fraction of "
+                   "training classes held out for validation (0 = none).", **_SHARED)
+flags.DEFINE_integer("split_seed", 0, "Seed of the random class splits.", lower_bound=0, **_SHARED)
+flags.DEFINE_bool("jit", None, "XLA-compile the steps; default: on for MAML-style algorithms, for "
+                  "ProtoNet only on GPU (oneDNN convolutions are faster on CPU).", **_SHARED)
+flags.DEFINE_integer("n_way", None, "Classes per episode; default: the preset's (fm-eval: the "
+                     "checkpoint's test way).", lower_bound=1, **_SHARED)
+flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's (fm-eval: "
+                     "the checkpoint's).", lower_bound=1, **_SHARED)
+flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's (fm-eval: "
+                     "15, or the checkpoint's for sinusoids).", lower_bound=1, **_SHARED)
+
+flags.DEFINE_integer("inner_steps", None, "MAML inner steps; default: the preset's (fm-eval: at "
+                     "test time, default the checkpoint's test_inner_steps; sinusoids are also "
+                     "scored after 1 step).", lower_bound=1, **_SHARED)
+
+
+@flags.validator("data_path", "--data_path: every path (joined by ',') must exist")
+def _check_data_path(value):
+    return value is None or all(os.path.exists(p) for p in value.split(","))
+
+
+@flags.validator("split", "--split: three non-negative fractions train,val,test summing to <= 1")
+def _check_split(value):
+    try:
+        fractions = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return False
+    return len(fractions) == 3 and min(fractions) >= 0 and sum(fractions) <= 1 + 1e-9
+
+# Algorithm and hyper-parameters (None = the preset's value).
+flags.DEFINE_enum("algorithm", None, list(training.ALGORITHMS),
+                  "Required. maml (second order), fomaml (first order), metasgd (learned per-weight inner "
+                  "rates), protonet, or pretrain (the sinusoid baseline: regress on the mixture of "
+                  "tasks, fine-tune at test time).")
+flags.DEFINE_enum("preset", None, sorted(presets.PRESETS), "Published configuration the other "
+                  "flags start from; default: chosen from --algorithm and --data.")
+flags.DEFINE_enum("lr_mode", None, list(training.LR_MODES), "MAML inner learning rates: fixed, "
+                  "metasgd (per weight) or lslr (MAML++ per layer and step); default fixed.")
+flags.DEFINE_integer("seed", 0, "Seed of the weights and the training episodes (validation "
+                     "episodes use seed + 1).", lower_bound=0)
+flags.DEFINE_enum("metric", "euclidean", ["euclidean", "cosine"], "ProtoNet distance.")
+flags.DEFINE_integer("meta_batch", None, "Tasks (episodes) per step.", lower_bound=1)
+flags.DEFINE_integer("test_inner_steps", None, "MAML inner steps at validation.", lower_bound=1)
+flags.DEFINE_integer("test_n_way", None, "Ways of the validation episodes (ProtoNet).",
+                     lower_bound=1)
+flags.DEFINE_float("inner_lr", None, "MAML inner learning rate (initial value when learned).")
+flags.DEFINE_float("outer_lr", None, "Adam learning rate of the meta-update.")
+flags.DEFINE_integer("channels", None, "conv4 filters per block.", lower_bound=1)
+flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
+flags.DEFINE_list("hidden", None, "MLP hidden layer widths, e.g. 40,40.")
+
+# The run.
+flags.DEFINE_string("out_dir", None, "Required. Folder for checkpoints, config.json, history.jsonl, "
+                    "TensorBoard summaries and plots.")
+flags.DEFINE_integer("steps", 1000, "Total training steps (meta-batches).", lower_bound=1)
+flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --out_dir.")
+flags.DEFINE_bool("deterministic", False, "tf.config.experimental.enable_op_determinism(): with "
+                  "it a resumed run repeats an uninterrupted one's losses exactly.")
+flags.DEFINE_integer("log_every", 100, "Steps between progress lines and summaries.",
+                     lower_bound=1)
+flags.DEFINE_integer("val_every", 500, "Steps between validations (0 = never).", lower_bound=0)
+flags.DEFINE_integer("val_episodes", 200, "Episodes per validation.", lower_bound=1)
+flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1)
+flags.DEFINE_integer("keep", 5, "Latest checkpoints kept (the best is kept apart).", lower_bound=1)
+flags.DEFINE_bool("plots", False, "Draw PNG figures in --out_dir at the end (needs matplotlib): "
+                  "learning curves; sinusoid fits; ProtoNet embeddings at the kept checkpoints.")
+
+
+
+def config_from_flags():
+    """The training config (preset + flags + data settings); ``app.UsageError`` on bad input."""
+    hidden = None
+    if FLAGS.hidden:
+        try:
+            hidden = [int(h) for h in FLAGS.hidden]
+        except ValueError:
+            raise app.UsageError(f"--hidden must be integers, got {FLAGS.hidden}") from None
+    overrides = dict(n_way=FLAGS.n_way, k_shot=FLAGS.k_shot, q_query=FLAGS.q_query,
+                     meta_batch=FLAGS.meta_batch, inner_steps=FLAGS.inner_steps,
+                     test_inner_steps=FLAGS.test_inner_steps, test_n_way=FLAGS.test_n_way,
+                     inner_lr=FLAGS.inner_lr, outer_lr=FLAGS.outer_lr, channels=FLAGS.channels,
+                     pool=FLAGS.pool, hidden=hidden)
+    try:
+        config = training.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
+                                      lr_mode=FLAGS.lr_mode, metric=FLAGS.metric, **overrides)
+    except ValueError as error:
+        raise app.UsageError(f"bad flags: {error}") from None
+    if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
+        raise app.UsageError(f"--data={config['data']} needs --data_path")
+    config.update(data_path=FLAGS.data_path, rotations=FLAGS.rotations,
+                  train_groups=FLAGS.train_groups, val_groups=FLAGS.val_groups,
+                  test_groups=FLAGS.test_groups, exclude_groups=FLAGS.exclude_groups,
+                  split=[float(f) for f in FLAGS.split], val_fraction=FLAGS.val_fraction,
+                  split_seed=FLAGS.split_seed, seed=FLAGS.seed)
+    return config
+
+
+def _draw(out_dir, config, learner, checkpoints_kept, held_out):
+    from functional_meta import plots
+    drawn = [plots.learning_curves(os.path.join(out_dir, training.HISTORY_FILE),
+                                   os.path.join(out_dir, "learning_curves.png"),
+                                   title=f"{config['algorithm']} ({config['preset']})")]
+    if config["data"] == "sinusoid":
+        state, _, _ = training.restore_state(learner, out_dir)
+        curves = training.sinusoid_curves(learner, state, steps=(1, 10), k_shot=config["k_shot"])
+        drawn.append(plots.sinusoid(curves, os.path.join(out_dir, "sinusoid.png"),
+                                    title=f"{config['algorithm']}, K={config['k_shot']}"))
+    if config["algorithm"] == "protonet" and held_out is not None and len(held_out):
+        panels = []
+        for path in checkpoints_kept:
+            state, info, _ = training.restore_state(learner, path)
+            x, labels = training.embed_classes(learner, state, held_out)
+            panels.append((f"step {info['step']}", x, labels))
+        drawn.append(plots.embeddings(panels, os.path.join(out_dir, "embeddings.png")))
+    for path in drawn:
+        logging.info("wrote %s", path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    for name in ("algorithm", "out_dir"):           # checked here, not by a flag validator, so
+        if not FLAGS[name].value:                   # other binaries can share this process
+            raise app.UsageError(f"--{name} is required")
+    config = config_from_flags()
+    if training.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
+        raise app.UsageError(f"--out_dir={FLAGS.out_dir} already holds checkpoints: pass --resume "
+                             "to continue that run, or choose another --out_dir")
+    try:
+        train_classes, val_classes, test_classes = training.load_splits(config)
+    except ValueError as error:
+        raise app.UsageError(f"bad data flags (--data/--data_path/--*_groups/--split): {error}") \
+            from None
+    val_n_way = config.get("test_n_way") or config["n_way"]
+    if train_classes is not None:
+        try:
+            training.check_split(train_classes, "meta-training", config["n_way"], config["k_shot"],
+                                 config["q_query"])
+            if FLAGS.val_every:
+                training.check_split(val_classes, "validation (--val_groups/--val_fraction/"
+                                     "--split; or --val_every=0)", val_n_way, config["k_shot"],
+                                     config["q_query"])
+        except ValueError as error:
+            raise app.UsageError(f"bad flags: {error}") from None
+        logging.info("classes: %d meta-train, %d validation, %d test", len(train_classes),
+                     len(val_classes), len(test_classes))
+    if FLAGS.deterministic:
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+    learner = training.make_learner(config, jit_compile=FLAGS.jit)
+    sampler = training.make_sampler(train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
+                                    q_query=config["q_query"], meta_batch=config["meta_batch"],
+                                    seed=FLAGS.seed)
+    validate = None
+    if FLAGS.val_every:
+        val_sampler = training.make_sampler(val_classes, n_way=val_n_way, k_shot=config["k_shot"],
+                                            q_query=config["q_query"],
+                                            meta_batch=min(training.EVAL_BATCH,
+                                                           FLAGS.val_episodes),
+                                            seed=FLAGS.seed + 1)
+        try:
+            evaluator = training.make_evaluator(config, learner.apply, jit_compile=FLAGS.jit)
+        except ValueError as error:
+            raise app.UsageError(f"bad flags: {error}") from None
+
+        def validate(state):
+            return training.evaluate(evaluator, state, val_sampler, FLAGS.val_episodes)
+    logging.info("training %s (%s) for %d steps into %s", config["algorithm"], config["preset"],
+                 FLAGS.steps, FLAGS.out_dir)
+    start = time.perf_counter()
+    try:
+        result = training.train(learner, sampler, out_dir=FLAGS.out_dir, steps=FLAGS.steps,
+                                seed=FLAGS.seed, log_every=FLAGS.log_every,
+                                checkpoint_every=FLAGS.checkpoint_every, keep=FLAGS.keep,
+                                validate=validate, val_every=FLAGS.val_every, resume=FLAGS.resume)
+    except training.NonFiniteError as error:
+        sys.exit(f"fm-train: stopped: {error}")
+    except ValueError as error:          # e.g. an existing run without --resume
+        sys.exit(f"fm-train: {error}")
+    elapsed = time.perf_counter() - start
+    print(f"trained {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
+          f"best validation: {result.best}; last checkpoint: {result.checkpoint}")
+    if FLAGS.plots:
+        kept = training.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()
+        _draw(FLAGS.out_dir, config, learner, list(reversed(kept)),
+              test_classes if test_classes is not None and len(test_classes) else val_classes)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,818 @@
+"""Meta-training and evaluation loops shared by every algorithm, with explicit arguments only.
+
+The pieces, in the order a binary uses them:
+
+- ``make_config``: a preset (``functional_meta.presets``) plus the algorithm and any overrides, checked
+  once, before anything is compiled. The config is a plain JSON-able dict and is stored next to the
+  checkpoints (``config.json``) so evaluation can rebuild the network.
+- ``meta_splits``: disjoint meta-train/val/test classes, by alphabet (group) lists or by fractions.
+- ``make_sampler``: an episode sampler for image classes or sinusoid tasks; batch ``i`` is a pure
+  function of ``(seed, i)``, so the sampler's whole state is the number of consumed batches.
+- ``make_learner``: ``init(seed) -> state`` and the compiled ``step(state, batch) -> (state, metrics)``
+  of MAML / FOMAML / Meta-SGD / MAML++ LSLR / ProtoNet, or the jointly pretrained sinusoid baseline.
+- ``make_evaluator`` and ``evaluate``: per-episode accuracy (or MSE) over held-out episodes and the
+  95% interval of their mean; ``pixel_baseline`` is nearest neighbour on raw pixels.
+- ``train``: the loop, with progress lines, TensorBoard summaries, validation, best/latest checkpoints,
+  exact resume and a stop on the first non-finite loss.
+
+Checkpoints (``tf.train.CheckpointManager``) hold the state (weights, optimiser state, inner learning
+rates), the step, the sampler's seed and next batch, and the best validation score so far. A save
+writes the tensors to ``<prefix>_temp/``, merges them into ``<prefix>.index``/``.data-*`` and only
+then rewrites the ``checkpoint`` state file, atomically (a temporary file renamed over the old one).
+A process killed at any moment therefore leaves the state file naming only complete checkpoints;
+``Checkpoints.restore`` additionally falls back to the previous listed checkpoint if the newest one
+cannot be read, so a damaged file never ends a run.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.core.framework import summary_pb2
+
+from functional_meta import data as data_lib
+from functional_meta import episodes, maml, metrics, optim, presets, protonet
+
+ALGORITHMS = ("maml", "fomaml", "metasgd", "protonet", "pretrain")
+LR_MODES = ("fixed", "metasgd", "lslr")
+DATA_SOURCES = data_lib.SOURCES + ("sinusoid",)
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.jsonl"
+# Fields that may change when a run is resumed (everything else must match the stored config).
+RUN_FIELDS = ("steps",)
+# Episodes per evaluation batch (validation and test); the last batch is cut to the count asked.
+EVAL_BATCH = 25
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def default_preset(algorithm, data=None):
+    """The preset a binary starts from when ``--preset`` is not given."""
+    if algorithm == "protonet":
+        return "protonet_omniglot"
+    if algorithm == "pretrain" or data == "sinusoid":
+        return "maml_sinusoid"
+    if data in ("mnist", "mnist_tfds"):
+        return "maml_mnist_mlp"
+    return "maml_omniglot_5way"
+
+
+def _check_positive_int(config, *names):
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_positive_float(config, *names):
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean", **overrides):
+    """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
+    ``first_order``, ``metric``, ``data``. ``None`` overrides keep the preset's value.
+
+    ``algorithm``: ``maml`` (second order), ``fomaml``, ``metasgd`` (learned per-weight inner rates),
+    ``protonet``, or ``pretrain`` (the sinusoid baseline: one network regressed on the mixture of
+    tasks, fine-tuned at test time like MAML). ``lr_mode='lslr'`` with ``maml`` gives MAML++'s
+    per-layer per-step learned rates.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+    preset = preset or default_preset(algorithm, data)
+    if preset not in presets.PRESETS:
+        raise ValueError(f"preset must be one of {sorted(presets.PRESETS)}, got {preset!r}")
+    config = presets.get(preset, **{k: v for k, v in overrides.items() if k in presets.PRESETS[preset]
+                                    or k in ("hidden", "channels", "pool", "test_n_way")})
+    unknown = sorted(k for k, v in overrides.items() if k not in config and v is not None)
+    if unknown:
+        raise ValueError(f"preset {preset!r} has no field(s) {unknown}")
+    family = "protonet" if algorithm == "protonet" else "maml"
+    if config["family"] != family:
+        raise ValueError(f"preset={preset!r} is a {config['family']} preset but algorithm="
+                         f"{algorithm!r} needs a {family} preset")
+    if algorithm == "metasgd":
+        if lr_mode not in (None, "metasgd"):
+            raise ValueError(f"algorithm='metasgd' learns per-weight rates; lr_mode={lr_mode!r} "
+                             "contradicts it (leave lr_mode unset)")
+        lr_mode = "metasgd"
+    lr_mode = lr_mode or "fixed"
+    if lr_mode not in LR_MODES:
+        raise ValueError(f"lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
+    if family == "protonet" and lr_mode != "fixed":
+        raise ValueError("lr_mode applies to MAML's inner loop; protonet has none")
+    if algorithm == "pretrain" and lr_mode != "fixed":
+        raise ValueError("algorithm='pretrain' fine-tunes with a fixed inner_lr; leave lr_mode unset")
+    if metric not in protonet.METRICS:
+        raise ValueError(f"metric must be one of {list(protonet.METRICS)}, got {metric!r}")
+    config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
+                  first_order=algorithm == "fomaml")
+    if data is not None:
+        config["data"] = data
+    check_config(config)
+    return json.loads(json.dumps(config))        # tuples -> lists: the same dict config.json holds
+
+
+def check_config(config):
+    """Raises ``ValueError`` naming the field (the binaries' flag of the same name) if a config
+    cannot be trained; run before anything is loaded or compiled."""
+    if config.get("data") not in DATA_SOURCES:
+        raise ValueError(f"data must be one of {list(DATA_SOURCES)}, got {config.get('data')!r}")
+    regression = config.get("loss") == "mse"
+    if config["algorithm"] == "pretrain" and config["data"] != "sinusoid":
+        raise ValueError("algorithm='pretrain' is the sinusoid baseline; use data='sinusoid'")
+    if (config["data"] == "sinusoid") != regression:
+        raise ValueError(f"data={config['data']!r} does not fit preset={config.get('preset')!r} "
+                         f"(loss {config.get('loss')!r}): sinusoid data needs a regression preset "
+                         "(maml_sinusoid) and a regression preset needs data='sinusoid'")
+    if config["algorithm"] == "protonet" and regression:
+        raise ValueError("algorithm='protonet' classifies; it cannot train on sinusoid regression")
+    _check_positive_int(config, "n_way", "k_shot", "q_query", "meta_batch")
+    _check_positive_float(config, "outer_lr")
+    if config["family"] == "maml":
+        _check_positive_int(config, "inner_steps", "test_inner_steps")
+        _check_positive_float(config, "inner_lr")
+    if config.get("test_n_way") is not None:
+        _check_positive_int(config, "test_n_way")
+    if config["net"] == "conv4":
+        _check_positive_int(config, "channels")
+        if config["pool"] not in ("stride", "max"):
+            raise ValueError(f"pool must be 'stride' or 'max', got {config['pool']!r}")
+    else:
+        hidden = config.get("hidden") or []
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a list of positive layer widths, got {hidden!r}")
+
+
+def save_config(out_dir, config):
+    """Writes ``config.json`` atomically (temporary file, then rename)."""
+    _atomic_write(Path(out_dir) / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+
+def load_config(path):
+    """The config stored by ``train`` in ``path`` (a run folder, or any folder or checkpoint prefix
+    inside one: the nearest ``config.json`` above it)."""
+    path = Path(path).resolve()
+    for folder in [path] + list(path.parents):
+        if (folder / CONFIG_FILE).is_file():
+            return json.loads((folder / CONFIG_FILE).read_text()), folder
+    raise ValueError(f"no {CONFIG_FILE} in {path} or above it: is it a training output folder?")
+
+
+def _atomic_write(path, text):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def default_jit(algorithm):
+    """MAML-style steps compile with XLA everywhere; ProtoNet's only on GPU (oneDNN convolutions
+    beat XLA's on CPU)."""
+    if algorithm == "protonet":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: class splits and samplers
+
+
+def unrotated(data):
+    """Only the original classes of a rotation-augmented ``ClassData`` (rotations are for training)."""
+    suffixes = tuple(f"/rot{r}" for r in data_lib.ROTATIONS)
+    return data_lib.subset(data, [i for i, n in enumerate(data.names) if not n.endswith(suffixes)])
+
+
+def meta_splits(data, *, train_groups=None, val_groups=None, test_groups=None, exclude_groups=None,
+                fractions=(0.7, 0.1, 0.2), val_fraction=0.1, seed=0):
+    """Disjoint ``(train, val, test)`` ``ClassData`` of ``data``; val and test lose rotated copies.
+
+    Group mode (``train_groups`` or ``test_groups`` given, e.g. Omniglot alphabets): each list
+    selects its groups; a missing ``train_groups`` means every group not in val/test, a missing
+    ``test_groups`` every group not in train/val. Without ``val_groups``, validation holds out
+    ``val_fraction`` of the training classes (a class and its rotations together). Otherwise
+    ``fractions`` (train, val, test) split the groups at random with ``seed``
+    (``data.split_classes``). ``exclude_groups`` are dropped first. A group in two lists is an error.
+    """
+    if exclude_groups:
+        data = data_lib.exclude_groups(data, exclude_groups)
+    lists = {"train_groups": train_groups, "val_groups": val_groups, "test_groups": test_groups}
+    lists = {k: list(v) for k, v in lists.items() if v}
+    names = list(lists)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(lists[a]) & set(lists[b]))
+            if shared:
+                raise ValueError(f"{a} and {b} share {shared}; meta-train/val/test must not overlap")
+    for name, groups in lists.items():
+        try:
+            data_lib.select_groups(data, groups)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    if "train_groups" in lists or "test_groups" in lists:
+        val_set = set(lists.get("val_groups", []))
+        test_set = set(lists.get("test_groups", []))
+        train_set = set(lists.get("train_groups", [])) or set(data.groups) - val_set - test_set
+        if "test_groups" not in lists:
+            test_set = set(data.groups) - train_set - val_set
+        train = data_lib.subset(data, [i for i, g in enumerate(data.groups) if g in train_set])
+        test = data_lib.subset(data, [i for i, g in enumerate(data.groups) if g in test_set])
+        if val_set:
+            val = data_lib.subset(data, [i for i, g in enumerate(data.groups) if g in val_set])
+        elif val_fraction:
+            if not 0 < val_fraction < 1:
+                raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            train, val = data_lib.split_classes(train, [1 - val_fraction, val_fraction], seed,
+                                                by_group=False)
+        else:
+            val = data_lib.subset(data, [])
+    else:
+        fractions = [float(f) for f in fractions]
+        if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) > 1 + 1e-9:
+            raise ValueError(f"split fractions must be three non-negative numbers (train, val, "
+                             f"test) summing to at most 1, got {fractions}")
+        train, val, test = data_lib.split_classes(data, fractions, seed, by_group=True)
+    return train, unrotated(val), unrotated(test)
+
+
+def load_splits(config):
+    """``(train, val, test)`` ``ClassData`` of a config's data settings (``data``, ``data_path``,
+    ``rotations``, ``*_groups``, ``split``, ``val_fraction``, ``split_seed``; see ``meta_splits``),
+    or three ``None`` for sinusoid tasks."""
+    if config["data"] == "sinusoid":
+        return None, None, None
+    shape = tuple(config.get("image_shape", (28, 28, 1)))
+    data = data_lib.load(config["data"], config.get("data_path"), image_size=shape[0],
+                         rotations=config.get("rotations", False), image_shape=shape,
+                         seed=config.get("split_seed", 0))
+    return meta_splits(
+        data, train_groups=config.get("train_groups"), val_groups=config.get("val_groups"),
+        test_groups=config.get("test_groups"), exclude_groups=config.get("exclude_groups"),
+        fractions=config.get("split", (0.7, 0.1, 0.2)), val_fraction=config.get("val_fraction", 0),
+        seed=config.get("split_seed", 0))
+
+
+def check_split(split, name, n_way, k_shot, q_query):
+    """Raises ``ValueError`` naming the split and ``n_way``/``k_shot``/``q_query`` if ``split`` cannot
+    give such episodes."""
+    if len(split) < n_way:
+        raise ValueError(f"n_way={n_way} but the {name} split has {len(split)} classes")
+    smallest = min(len(x) for x in split.images)
+    if k_shot + q_query > smallest:
+        raise ValueError(f"k_shot + q_query = {k_shot + q_query} but a class of the {name} split "
+                         f"has only {smallest} images")
+
+
+class SinusoidSampler:
+    """The sinusoid regression tasks with ``EpisodeSampler``'s interface (``batch``, ``signature``,
+    ``get_state``/``set_state``), so ``episodes.dataset`` and ``train`` treat both alike."""
+
+    def __init__(self, meta_batch, k_support, k_query, seed=0):
+        self.meta_batch, self.k_support, self.k_query = meta_batch, k_support, k_query
+        self.seed = int(seed)
+        self._next = 0
+
+    def batch(self, index):
+        return episodes.sinusoid_batch(self.meta_batch, self.k_support, self.k_query, self.seed,
+                                       index)
+
+    def signature(self):
+        return tuple(tf.TensorSpec((self.meta_batch, k, 1), tf.float32)
+                     for k in (self.k_support, self.k_support, self.k_query, self.k_query))
+
+    def get_state(self):
+        return {"seed": self.seed, "next_batch": self._next}
+
+    def set_state(self, state):
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state has seed={state['seed']} but the sampler has seed={self.seed}")
+        self._next = int(state["next_batch"])
+
+
+def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed):
+    """``EpisodeSampler`` over ``classes`` (a ``ClassData``), or ``SinusoidSampler`` when
+    ``classes`` is ``None``; ``n_way`` is ignored for sinusoids."""
+    if classes is None:
+        return SinusoidSampler(meta_batch, k_shot, q_query, seed)
+    return episodes.EpisodeSampler(classes, n_way, k_shot, q_query, meta_batch=meta_batch, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learners and evaluation
+
+
+class Learner(NamedTuple):
+    """What the loop needs of an algorithm. ``init(seed) -> state`` (a dict of tensors);
+    ``step(state, batch) -> (state, {'loss'[, 'accuracy']})``; ``apply(weights, x)`` the network."""
+    config: dict
+    init: Callable
+    step: Callable
+    apply: Callable
+
+
+def make_learner(config, jit_compile=None):
+    """The ``Learner`` of ``config['algorithm']`` (``jit_compile=None``: ``default_jit``)."""
+    check_config(config)
+    if jit_compile is None:
+        jit_compile = default_jit(config["algorithm"])
+    init, apply = presets.network(config)
+    if config["algorithm"] == "protonet":
+        step = protonet.make_train_step(apply, config["n_way"], lr=config["outer_lr"],
+                                        metric=config["metric"], jit_compile=jit_compile)
+        return Learner(config, lambda seed: protonet.init_state(init(seed)), step, apply)
+
+    def init_state(seed):
+        return maml.init_state(init(seed), config["inner_lr"], config["lr_mode"],
+                               config["inner_steps"])
+
+    if config["algorithm"] == "pretrain":
+        return Learner(config, init_state, _pretrain_step(apply, config["outer_lr"], jit_compile),
+                       apply)
+    step = maml.make_train_step(apply, inner_steps=config["inner_steps"],
+                                outer_lr=config["outer_lr"], first_order=config["first_order"],
+                                loss=config["loss"], jit_compile=jit_compile)
+    return Learner(config, init_state, step, apply)
+
+
+def _pretrain_step(apply, outer_lr, jit_compile):
+    """The MAML paper's sinusoid baseline: one network regressed on all points of all tasks at
+    once (the mixture of tasks), with Adam; the inner rate is kept for test-time fine-tuning."""
+
+    @tf.function(jit_compile=jit_compile)
+    def step(state, tasks):
+        support_x, support_y, query_x, query_y = tasks
+        x = tf.concat([support_x, query_x], axis=1)
+        y = tf.concat([support_y, query_y], axis=1)
+        weights = state["weights"]
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss = tf.reduce_mean(maml.mse(apply(weights, x), y))
+        weights, opt = optim.adam_update(tape.gradient(loss, weights), weights, state["opt"],
+                                         outer_lr)
+        return {"weights": weights, "inner_lr": state["inner_lr"], "opt": opt}, {"loss": loss}
+
+    return step
+
+
+def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None):
+    """``evaluator(state, batch) -> {'accuracy': [B]}`` (classification; MAML adds ``'loss'``) or
+    ``{'mse': [B]}`` (regression), numpy, one value per episode.
+
+    MAML-family learners adapt for ``inner_steps`` (default ``test_inner_steps``) on each support
+    set; their head fixes ``n_way`` to the training way. ProtoNet takes any ``n_way``.
+    """
+    if jit_compile is None:
+        jit_compile = default_jit(config["algorithm"])
+    n_way = n_way or (config.get("test_n_way") or config["n_way"])
+    if config["algorithm"] == "protonet":
+        eval_step = protonet.make_eval_step(apply, n_way, config["metric"], jit_compile)
+
+        def evaluate_protonet(state, batch):
+            accuracy, _ = eval_step(state["weights"], batch)
+            return {"accuracy": np.asarray(accuracy, np.float64)}
+        return evaluate_protonet
+
+    regression = config["loss"] == "mse"
+    if not regression and n_way != config["n_way"]:
+        raise ValueError(f"n_way={n_way}, but this MAML network's head has {config['n_way']} "
+                         f"outputs: evaluate it {config['n_way']}-way")
+    inner_steps = inner_steps or config["test_inner_steps"]
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+    eval_step = maml.make_eval_step(apply, inner_steps=inner_steps, loss=config["loss"],
+                                    jit_compile=jit_compile)
+
+    def evaluate_maml(state, batch):
+        losses, accuracy = eval_step(state["weights"], state["inner_lr"], batch)
+        if regression:
+            return {"mse": np.asarray(losses, np.float64)}
+        return {"accuracy": np.asarray(accuracy, np.float64), "loss": np.asarray(losses, np.float64)}
+    return evaluate_maml
+
+
+def episode_values(evaluator, state, sampler, num_episodes):
+    """``evaluator``'s per-episode values over the sampler's batches ``0, 1, ...`` until
+    ``num_episodes`` episodes (the last batch cut): a dict of arrays ``[num_episodes]``."""
+    if isinstance(num_episodes, bool) or not isinstance(num_episodes, int) or num_episodes < 1:
+        raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
+    num_batches = -(-num_episodes // sampler.meta_batch)
+    values = {}
+    for batch in episodes.dataset(sampler, start_batch=0, num_batches=num_batches):
+        for name, v in evaluator(state, batch).items():
+            values.setdefault(name, []).append(v)
+    return {name: np.concatenate(v)[:num_episodes] for name, v in values.items()}
+
+
+def summarize(values):
+    """``{name: [per-episode values]}`` -> ``{name: mean, name + '_ci95': half-width}``."""
+    out = {}
+    for name, v in values.items():
+        mean, ci = metrics.mean_confidence_interval(v)
+        out[name], out[name + "_ci95"] = mean, ci
+    return out
+
+
+def evaluate(evaluator, state, sampler, num_episodes):
+    """Mean and 95% confidence half-width of every per-episode value (see ``summarize``)."""
+    return summarize(episode_values(evaluator, state, sampler, num_episodes))
+
+
+def pixel_baseline(batch, mode="nn"):
+    """Per-episode accuracy of classifying queries in raw pixel space: ``mode='nn'``, the label of
+    the nearest support image (1-NN, Euclidean); ``'class_mean'``, the nearest class-mean image."""
+    support_x, support_y, query_x, query_y = (np.asarray(a) for a in batch)
+    b = support_x.shape[0]
+    s = support_x.reshape(b, support_x.shape[1], -1).astype(np.float64)
+    q = query_x.reshape(b, query_x.shape[1], -1).astype(np.float64)
+    if mode == "class_mean":
+        n_way = int(support_y.max()) + 1
+        one_hot = (support_y[..., None] == np.arange(n_way)).astype(np.float64)  # [B, S, N]
+        s = np.einsum("bsn,bsd->bnd", one_hot, s) / one_hot.sum(1)[..., None]
+        labels = np.broadcast_to(np.arange(n_way), (b, n_way))
+    elif mode == "nn":
+        labels = support_y
+    else:
+        raise ValueError(f"mode must be 'nn' or 'class_mean', got {mode!r}")
+    d = (q ** 2).sum(-1)[:, :, None] - 2 * q @ s.transpose(0, 2, 1) + (s ** 2).sum(-1)[:, None, :]
+    predicted = np.take_along_axis(labels, d.argmin(-1), axis=1)
+    return (predicted == query_y).mean(axis=1)
+
+
+def pixel_evaluator(mode):
+    """``pixel_baseline`` with the evaluator signature (the state is ignored)."""
+    return lambda state, batch: {"accuracy": pixel_baseline(batch, mode)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def all_finite(state):
+    """True if every floating tensor of ``state`` is finite."""
+    return all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in tf.nest.flatten(state)
+               if t.dtype.is_floating)
+
+
+class Checkpoints:
+    """Latest and best checkpoints of a run folder, for states shaped like ``template``.
+
+    ``directory/checkpoints/ckpt-<step>`` (the latest ``keep``) and ``directory/best/ckpt-<step>``
+    (the best by validation). Each holds the state, ``step``, the sampler's ``data_seed`` and
+    ``next_batch``, and the best validation score so far (``best_score``, higher is better, and
+    ``best_step``).
+    """
+
+    def __init__(self, directory, template, keep=5):
+        self.directory = Path(directory)
+        self.template = template
+        self._vars = {key: [tf.Variable(t, trainable=False) for t in tf.nest.flatten(value)]
+                      for key, value in template.items()}
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._data_seed = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._next_batch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._best_score = tf.Variable(-np.inf, dtype=tf.float64, trainable=False)
+        self._best_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self._checkpoint = tf.train.Checkpoint(
+            state=self._vars, step=self._step, data_seed=self._data_seed,
+            next_batch=self._next_batch, best_score=self._best_score, best_step=self._best_step)
+        self.latest = tf.train.CheckpointManager(self._checkpoint, self.directory / "checkpoints",
+                                                 max_to_keep=keep)
+        self.best = tf.train.CheckpointManager(self._checkpoint, self.directory / "best",
+                                               max_to_keep=1)
+
+    def _assign(self, state, info):
+        for key, variables in self._vars.items():
+            for var, value in zip(variables, tf.nest.flatten(state[key])):
+                var.assign(value)
+        for name in ("step", "data_seed", "next_batch", "best_score", "best_step"):
+            getattr(self, "_" + name).assign(info[name])
+
+    def save(self, state, info, best=False):
+        """Saves ``state`` and ``info`` (step, data_seed, next_batch, best_score, best_step) as the
+        latest checkpoint, or as the best one; refuses a non-finite state."""
+        if not all_finite(state):
+            raise NonFiniteError(f"the state after step {info['step']} is not finite; "
+                                 "not saved", step=info["step"])
+        self._assign(state, info)
+        manager = self.best if best else self.latest
+        return manager.save(checkpoint_number=int(info["step"]))
+
+    def candidates(self, which="latest"):
+        """Listed checkpoint prefixes, newest first (only complete saves are ever listed)."""
+        manager = self.best if which == "best" else self.latest
+        return list(reversed(manager.checkpoints))
+
+    def restore(self, path=None, which="latest"):
+        """``(state, info, path)`` from ``path`` or, by default, the newest readable listed
+        checkpoint (an unreadable one is skipped with a warning); ``None`` if there is none."""
+        paths = [str(path)] if path else self.candidates(which)
+        for candidate in paths:
+            try:
+                status = self._checkpoint.restore(candidate)
+                status.assert_existing_objects_matched()
+                status.expect_partial()       # the save counter may stay unmatched; no warning
+            except Exception as error:      # damaged files fail in many ways (OpError, IndexError..)
+                if path:
+                    raise ValueError(f"cannot read checkpoint {candidate}: {error}") from None
+                logging.warning("skipping unreadable checkpoint %s: %s", candidate,
+                                str(error).splitlines()[0])
+                continue
+            state = {key: tf.nest.pack_sequence_as(self.template[key],
+                                                   [tf.identity(v) for v in self._vars[key]])
+                     for key in self.template}
+            info = {name: getattr(self, "_" + name).numpy().item()
+                    for name in ("step", "data_seed", "next_batch", "best_score", "best_step")}
+            return state, info, candidate
+        return None
+
+
+def has_checkpoints(out_dir):
+    """Whether ``out_dir`` holds a run's latest checkpoints (``train`` refuses to start over them
+    unless resuming)."""
+    return tf.train.latest_checkpoint(str(Path(out_dir) / "checkpoints")) is not None
+
+
+def restore_state(learner, path, which="best"):
+    """The state stored in a run folder (``which`` = ``'best'``, falling back to ``'latest'`` when
+    the run kept no best checkpoint) or at a checkpoint prefix ``path``; ``(state, info, path)``."""
+    config, folder = load_config(path)
+    checkpoints = Checkpoints(folder, learner.init(0), keep=None)
+    path = Path(path).resolve()
+    explicit = path if path != folder and Path(f"{path}.index").exists() else None
+    found = checkpoints.restore(explicit, which)
+    if found is None and which == "best" and explicit is None:
+        found = checkpoints.restore(None, "latest")
+    if found is None:
+        raise ValueError(f"no readable checkpoint in {folder}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss or state; ``step`` is the step (1-based) that produced it."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` did: the final ``step``, the per-step ``losses`` of this call (in order),
+    the best validation record (``best``) and the last checkpoint written."""
+    step: int
+    losses: list
+    best: Optional[dict]
+    checkpoint: Optional[str]
+
+
+def format_progress(record):
+    """One progress line from a ``train`` log record."""
+    parts = [f"step {record['step']}/{record['steps']}", f"loss {record['loss']:.4f}"]
+    if "accuracy" in record:
+        parts.append(f"acc {record['accuracy']:.3f}")
+    parts.append(f"{record['episodes_per_sec']:.1f} episodes/s")
+    parts.append(f"ETA {_duration(record['eta_sec'])}")
+    return "  ".join(parts)
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _log_progress(record):
+    if record.get("split") == "val":
+        text = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("split", "step"))
+        logging.info("validation at step %d: %s", record["step"], text)
+    else:
+        logging.info(format_progress(record))
+
+
+def _score(result):
+    """Higher is better: validation accuracy, else minus the MSE/loss."""
+    if "accuracy" in result:
+        return result["accuracy"]
+    return -result["mse"] if "mse" in result else -result["loss"]
+
+
+def _trim_history(path, last_step):
+    """Drops history records after ``last_step`` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    _atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _check_same_config(stored, config):
+    differ = sorted(k for k in set(stored) | set(config)
+                    if k not in RUN_FIELDS and stored.get(k) != config.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in differ)
+        raise ValueError(f"cannot resume: the run was started with a different config ({changes})")
+
+
+def _metadata(plugin):
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = plugin
+    return metadata
+
+
+# Summaries are written with the core op ``tf.summary.write`` in TensorBoard's scalar/image
+# formats, so training needs no ``tensorboard`` package (``tf.summary.scalar`` does).
+def _scalar_summary(tag, value, step):
+    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=_metadata("scalars"))
+
+
+def _image_summary(tag, images, step):
+    """``images [n, H, W, C]`` floats in [0, 1] as one TensorBoard image summary."""
+    images = tf.convert_to_tensor(images)
+    pngs = tf.map_fn(lambda x: tf.image.encode_png(tf.image.convert_image_dtype(x, tf.uint8)),
+                     images, fn_output_signature=tf.string)
+    size = [tf.as_string(images.shape[2]), tf.as_string(images.shape[1])]   # width, height
+    tf.summary.write(tag, tf.concat([tf.stack(size), pngs], 0), step=step,
+                     metadata=_metadata("images"))
+
+
+def _episode_summary(batch, step):
+    """The first episode's support and query sets as TensorBoard images."""
+    support_x, _, query_x, _ = batch
+    if np.ndim(support_x) == 5:
+        _image_summary("episode/support", support_x[0], step)
+        _image_summary("episode/query", query_x[0], step)
+
+
+def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint_every=500, keep=5,
+          validate=None, val_every=0, resume=False, summaries=True, on_progress=None):
+    """Meta-trains ``learner`` on ``sampler``'s batches for ``steps`` steps in total.
+
+    ``out_dir`` receives ``config.json`` (``learner.config``), ``history.jsonl`` (one JSON record per
+    progress line and validation), TensorBoard summaries (``train/``, ``val/``), the latest ``keep``
+    checkpoints (every ``checkpoint_every`` steps and at the end) and the best one.
+
+    ``validate(state) -> {'accuracy'|'mse'|'loss': mean, ...}`` runs every ``val_every`` steps; the
+    best checkpoint has the highest accuracy (lowest MSE for regression). ``on_progress(record)``
+    gets every record (default: an ``absl.logging.info`` line with step, loss, accuracy,
+    episodes/s and ETA every ``log_every`` steps).
+
+    ``resume=True`` continues from the newest readable checkpoint with the same weights, optimiser
+    state, inner rates and batch index, so (with op determinism on) the losses equal those of an
+    uninterrupted run; without it a folder that already holds checkpoints is refused. A non-finite
+    loss raises ``NonFiniteError`` naming the step before anything of that step is saved.
+    """
+    _check_positive_int({"steps": steps, "log_every": log_every,
+                         "checkpoint_every": checkpoint_every}, "steps", "log_every",
+                        "checkpoint_every")
+    if val_every and validate is None:
+        raise ValueError("val_every > 0 needs a validate function")
+    on_progress = on_progress or _log_progress
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = learner.init(seed)
+    checkpoints = Checkpoints(out, state, keep=keep)
+    history = out / HISTORY_FILE
+    info = {"step": 0, "data_seed": sampler.seed, "next_batch": 0, "best_score": -np.inf,
+            "best_step": -1}
+    stored = (json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists()
+              else None)
+    if checkpoints.candidates():
+        if not resume:
+            raise ValueError(f"{out} already holds checkpoints; resume (--resume) or choose "
+                             "another out_dir")
+        if stored is not None:
+            _check_same_config(stored, learner.config)
+        found = checkpoints.restore()
+        if found is None:
+            raise ValueError(f"no readable checkpoint in {out / 'checkpoints'}")
+        state, info, path = found
+        if info["data_seed"] != sampler.seed:
+            raise ValueError(f"cannot resume: the checkpoint's data seed is {info['data_seed']}, "
+                             f"the sampler's {sampler.seed} (--seed)")
+        logging.info("resuming from %s at step %d", path, info["step"])
+        _trim_history(history, info["step"])
+        last_path = path
+    else:
+        _trim_history(history, 0)       # records of an earlier attempt that never checkpointed
+        last_path = None
+    save_config(out, dict(learner.config, steps=steps))
+    start = info["step"]
+    losses = []
+    best = None
+    if start >= steps:
+        logging.info("already trained %d of %d steps", start, steps)
+        return TrainResult(start, losses, best, last_path)
+
+    writers = {}
+    if summaries:
+        writers = {name: tf.summary.create_file_writer(str(out / name)) for name in ("train", "val")}
+        if start == 0:
+            with writers["train"].as_default():
+                _episode_summary(sampler.batch(0), 0)
+    meta_batch = sampler.meta_batch
+    window = {"loss": [], "accuracy": []}
+    window_start = time.perf_counter()
+    window_first_step = start
+
+    def emit(record, writer):
+        with history.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            with writer.as_default():
+                for key, value in record.items():
+                    if key not in ("step", "steps", "split", "eta_sec"):
+                        _scalar_summary(key, value, record["step"])
+        on_progress(record)
+
+    step = start
+    batches = episodes.dataset(sampler, start_batch=info["next_batch"], num_batches=steps - start)
+    for batch in batches:
+        new_state, step_metrics = learner.step(state, batch)
+        loss = float(step_metrics["loss"])
+        if not math.isfinite(loss):
+            where = f"; the last good checkpoint is {last_path}" if last_path else ""
+            raise NonFiniteError(f"non-finite loss {loss} at step {step + 1}: training stopped, "
+                                 f"nothing of this step saved{where}", step=step + 1)
+        state, step = new_state, step + 1
+        info = dict(info, step=step, next_batch=info["next_batch"] + 1)
+        losses.append(loss)
+        window["loss"].append(loss)
+        if "accuracy" in step_metrics:
+            window["accuracy"].append(float(step_metrics["accuracy"]))
+        if step % log_every == 0 or step == steps:
+            now = time.perf_counter()
+            per_step = (now - window_start) / max(step - window_first_step, 1)
+            record = {"step": step, "steps": steps, "loss": float(np.mean(window["loss"]))}
+            if window["accuracy"]:
+                record["accuracy"] = float(np.mean(window["accuracy"]))
+            record.update(episodes_per_sec=meta_batch / per_step, eta_sec=per_step * (steps - step))
+            emit(record, writers.get("train"))
+            window = {"loss": [], "accuracy": []}
+            window_start, window_first_step = time.perf_counter(), step
+        if val_every and (step % val_every == 0 or step == steps):
+            result = validate(state)
+            emit({"split": "val", "step": step, **result}, writers.get("val"))
+            if _score(result) > info["best_score"]:
+                info = dict(info, best_score=_score(result), best_step=step)
+                checkpoints.save(state, info, best=True)
+                best = {"step": step, **result}
+        if step % checkpoint_every == 0 or step == steps:
+            last_path = checkpoints.save(state, info)
+        if writers and step % log_every == 0:
+            for writer in writers.values():
+                writer.flush()
+    for writer in writers.values():
+        writer.flush()
+    if best is None and info["best_step"] >= 0:
+        best = {"step": info["best_step"], "score": info["best_score"]}
+    return TrainResult(step, losses, best, last_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data for the figures
+
+
+def sinusoid_curves(learner, state, steps=(1, 10), k_shot=10, seed=0, points=200):
+    """The MAML paper's sinusoid figure for one task: ``{'x', 'truth', 'support_x', 'support_y',
+    'pre-update', '<n> steps'...}`` as numpy, adapting with plain SGD at the state's inner rate."""
+    tasks = data_lib.sinusoid_tasks(1, k_shot, 1, seed)
+    x = np.linspace(-5, 5, points, dtype=np.float32)[None, :, None]
+    curves = {"x": x[0, :, 0], "truth": tasks.amplitude[0] * np.sin(x[0, :, 0] - tasks.phase[0]),
+              "support_x": tasks.support_x[0, :, 0], "support_y": tasks.support_y[0, :, 0]}
+    weights = state["weights"]
+    curves["pre-update"] = np.asarray(learner.apply(weights, x))[0, :, 0]
+    for n in steps:
+        adapted = maml.adapt(learner.apply, weights, tasks.support_x, tasks.support_y,
+                             state["inner_lr"], n, loss="mse", first_order=True)
+        curves[f"{n} step{'s' if n > 1 else ''}"] = np.asarray(learner.apply(adapted, x))[0, :, 0]
+    return curves
+
+
+def embed_classes(learner, state, classes, num_classes=5, per_class=20, seed=0):
+    """ProtoNet embeddings ``[n, D]`` and class labels ``[n]`` of ``per_class`` images from each of
+    ``num_classes`` classes of ``classes`` (chosen with ``seed``), for the embedding figure."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(classes), min(num_classes, len(classes)), replace=False)
+    images, labels = [], []
+    for label, c in enumerate(chosen):
+        x = classes.images[c]
+        images.append(x[rng.choice(len(x), min(per_class, len(x)), replace=False)])
+        labels += [label] * len(images[-1])
+    x = np.concatenate(images).astype(np.float32)[None] / 255.0
+    return np.asarray(learner.apply(state["weights"], x))[0], np.array(labels)

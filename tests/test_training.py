@@ -1,0 +1,334 @@
+"""Training loop and binaries: real-data learning, exact resume, crash safety, non-finite stops,
+evaluation statistics, and flag errors before any work."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app, flags
+from absl.testing import flagsaver
+
+from benchmarks import evaluate as eval_bin
+from benchmarks import train as train_bin
+from functional_meta import data, metrics, plots, training
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
+SMALL1 = ['Balinese', 'Early_Aramaic', 'Greek', 'Korean', 'Latin']
+NEW_IN_SMALL2 = ['Japanese_(katakana)', 'Sanskrit', 'Tagalog']
+FLAGS = flags.FLAGS
+
+
+def run_binary(module, argv):
+    """A binary's main in this process, with its flags parsed from ``argv`` and restored after."""
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS([module.__name__] + list(argv))
+        module.main([module.__name__])
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith('{')]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and baselines
+
+
+def test_confidence_interval_on_known_values():
+    # [1..5]: mean 3, sample std sqrt(2.5), half-width 1.96 * sqrt(2.5) / sqrt(5) = 1.96 / sqrt(2).
+    mean, ci = metrics.mean_confidence_interval([1, 2, 3, 4, 5])
+    assert mean == pytest.approx(3.0) and ci == pytest.approx(1.96 / math.sqrt(2))
+    # 50 zeros and 50 ones: std (ddof 1) = sqrt(25 / 99), half-width 1.96 * that / 10.
+    out = training.summarize({'accuracy': [0.0, 1.0] * 50})
+    assert out['accuracy'] == pytest.approx(0.5)
+    assert out['accuracy_ci95'] == pytest.approx(1.96 * math.sqrt(25 / 99) / 10)
+    assert metrics.mean_confidence_interval([0.7]) == (0.7, 0.0)
+
+
+def test_pixel_baselines_nearest_image_versus_class_mean():
+    # Pixels (one each): class 0 at 0 and 10, class 1 at 6; the query 9 is nearest to the image 10
+    # (class 0) but to the class-1 mean 6 (the class-0 mean is 5).
+    support_x = np.array([0.0, 10.0, 6.0]).reshape(1, 3, 1, 1, 1)
+    support_y = np.array([[0, 0, 1]])
+    query_x = np.array([9.0, 1.0]).reshape(1, 2, 1, 1, 1)
+    query_y = np.array([[0, 0]])
+    batch = (support_x, support_y, query_x, query_y)
+    np.testing.assert_array_equal(training.pixel_baseline(batch, 'nn'), [1.0])
+    np.testing.assert_array_equal(training.pixel_baseline(batch, 'class_mean'), [0.5])
+
+
+def test_meta_splits_are_disjoint_and_test_classes_unrotated():
+    images = [np.full((4, 2, 2, 1), i, np.uint8) for i in range(12)]
+    names = [f'{g}/c{i}' for i, g in enumerate('aaabbbcccddd')]
+    suffixes = ['', '/rot90', '/rot180', '/rot270']          # as data.load(rotations=True) names
+    rotated = data.ClassData([x for x in images for _ in suffixes],
+                             [n + s for n in names for s in suffixes],
+                             [n[0] for n in names for _ in suffixes])
+    train, val, test = training.meta_splits(rotated, train_groups=['a', 'b', 'c'],
+                                            test_groups=['d'], val_fraction=0.34, seed=1)
+    base = lambda split: {n.split('/rot')[0] for n in split.names}
+    assert not base(train) & base(val) and not base(train) & base(test)
+    assert set(test.groups) == {'d'} and len(test) == 3          # no rotated copies
+    assert len(val) == 3 and not any('/rot' in n for n in val.names)
+    assert len(train) == 4 * 6                                   # 6 classes with 3 rotations each
+    with pytest.raises(ValueError, match='train_groups and test_groups share'):
+        training.meta_splits(rotated, train_groups=['a', 'b'], test_groups=['b'])
+    with pytest.raises(ValueError, match='test_groups'):
+        training.meta_splits(rotated, test_groups=['nope'])
+
+
+def test_pca_projection():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 2)) * [5.0, 0.5] @ np.array([[0.6, 0.8], [-0.8, 0.6]])
+    x = np.hstack([x, 1e-3 * rng.normal(size=(50, 3))]) + 7.0
+    xy = plots.pca_2d(x)
+    assert xy.shape == (50, 2)
+    np.testing.assert_allclose(xy.mean(0), 0, atol=1e-9)
+    # The projection keeps the pairwise distances of the (nearly planar) data.
+    d = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)
+    np.testing.assert_allclose(d(xy), d(x - x.mean(0)), atol=1e-2)
+    assert xy[:, 0].var() > 10 * xy[:, 1].var()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data
+
+
+@pytest.fixture(scope='module')
+def omniglot_paths():
+    paths = [OMNIGLOT / 'images_background_small1.zip', OMNIGLOT / 'images_background_small2.zip']
+    if not all(p.exists() for p in paths):
+        pytest.skip(f"Omniglot small zips not found in {OMNIGLOT}")
+    return ','.join(str(p) for p in paths)
+
+
+def test_protonet_learns_held_out_omniglot_alphabets(omniglot_paths, tmp_path, capsys):
+    """fm-train then fm-eval in this process: ProtoNet trained on the alphabets of small1 scores
+    well above chance (0.2) and above raw-pixel 1-NN on small2's new alphabets, 5-way 1-shot."""
+    out = tmp_path / 'protonet'
+    data_flags = [f'--data_path={omniglot_paths}', f'--train_groups={",".join(SMALL1)}',
+                  f'--test_groups={",".join(NEW_IN_SMALL2)}']
+    run_binary(train_bin, ['--algorithm=protonet', '--data=omniglot', *data_flags,
+                           '--channels=16', '--n_way=10', '--k_shot=1', '--q_query=5',
+                           '--outer_lr=3e-3', '--steps=120', '--log_every=40', '--val_every=120',
+                           '--val_episodes=25', '--checkpoint_every=60', f'--out_dir={out}'])
+    config = json.loads((out / 'config.json').read_text())
+    assert config['algorithm'] == 'protonet' and config['channels'] == 16
+    assert config['test_groups'] == NEW_IN_SMALL2
+    capsys.readouterr()
+    eval_flags = [f'--checkpoint={out}', '--n_way=5', '--k_shot=1', '--num_episodes=100', '--json']
+    run_binary(eval_bin, eval_flags)
+    run_binary(eval_bin, eval_flags + ['--method=nn'])
+    model, nn = json_lines(capsys.readouterr().out)
+    assert model['split'] == 'test' and model['num_episodes'] == 100 and model['n_way'] == 5
+    assert model['step'] == 120
+    assert model['accuracy'] > 0.5, model
+    assert model['accuracy'] > nn['accuracy'] + 0.1, (model, nn)
+    assert 0 < model['accuracy_ci95'] < 0.05
+    train_records, val_records = plots.read_history(out / training.HISTORY_FILE)
+    assert [r['step'] for r in train_records] == [40, 80, 120]
+    assert [r['step'] for r in val_records] == [120]
+    assert sorted(p.name for p in (out / 'train').iterdir())          # TensorBoard events
+    pytest.importorskip('matplotlib')
+    png = plots.learning_curves(out / training.HISTORY_FILE, tmp_path / 'curves.png')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, crashes, non-finite losses
+
+
+def _tiny_maml(tmp_path):
+    config = training.make_config('maml', data='synthetic', channels=4, image_shape=[8, 8, 1],
+                                  n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1)
+    classes = data.synthetic(8, 5, (8, 8, 1), seed=3)
+    learner = training.make_learner(config, jit_compile=False)
+
+    def sampler():
+        return training.make_sampler(classes, n_way=3, k_shot=1, q_query=2, meta_batch=2, seed=5)
+    return learner, sampler
+
+
+def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path):
+    learner, sampler = _tiny_maml(tmp_path)
+    # Determinism is process-wide and TF has no public switch back: restore it with the private
+    # one so later tests run as before.
+    from tensorflow.python.framework import config as tf_config
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        common = dict(seed=2, log_every=1, checkpoint_every=3, summaries=False,
+                      on_progress=lambda record: None)
+        whole = training.train(learner, sampler(), out_dir=tmp_path / 'a', steps=6, **common)
+        first = training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=3, **common)
+        with pytest.raises(ValueError, match='resume'):
+            training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=6, **common)
+        second = training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=6, resume=True,
+                                **common)
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
+    assert len(whole.losses) == 6 and len(first.losses) == len(second.losses) == 3
+    assert len(set(whole.losses)) == 6                       # the losses do change step to step
+    assert first.losses + second.losses == whole.losses      # exactly equal
+    restored = [training.Checkpoints(tmp_path / run, learner.init(0)).restore()
+                for run in ('a', 'b')]
+    assert restored[0][1] == restored[1][1]                  # step, next batch, seeds
+    assert restored[1][1]['step'] == 6 and restored[1][1]['next_batch'] == 6
+    for x, y in zip(tf.nest.flatten(restored[0][0]), tf.nest.flatten(restored[1][0])):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    steps = [r['step'] for r in plots.read_history(tmp_path / 'b' / training.HISTORY_FILE)[0]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+class _NaNAt(training.SinusoidSampler):
+    """Sinusoid batches whose batch ``bad`` has a NaN target."""
+
+    def __init__(self, bad, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad = bad
+
+    def batch(self, index):
+        batch = super().batch(index)
+        if index == self.bad:
+            batch[1][0, 0, 0] = np.nan
+        return batch
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    config = training.make_config('maml', data='sinusoid', hidden=[8], meta_batch=4)
+    learner = training.make_learner(config, jit_compile=False)
+    common = dict(log_every=5, checkpoint_every=5, summaries=False, on_progress=lambda r: None)
+    training.train(learner, _NaNAt(5, 4, 10, 10), out_dir=tmp_path, steps=5, **common)
+    before = _digests(tmp_path / 'checkpoints')
+    with pytest.raises(training.NonFiniteError, match='at step 6') as caught:
+        training.train(learner, _NaNAt(5, 4, 10, 10), out_dir=tmp_path, steps=20, resume=True,
+                       **common)
+    assert caught.value.step == 6 and 'ckpt-5' in str(caught.value)
+    assert _digests(tmp_path / 'checkpoints') == before
+    state, info, path = training.Checkpoints(tmp_path, learner.init(0)).restore()
+    assert path.endswith('ckpt-5') and info['step'] == 5 and training.all_finite(state)
+    bad = dict(state, weights=[w * np.nan for w in state['weights']])
+    with pytest.raises(training.NonFiniteError, match='not finite'):
+        training.Checkpoints(tmp_path, learner.init(0)).save(bad, dict(info, step=6))
+    assert _digests(tmp_path / 'checkpoints') == before
+
+
+def test_absurd_outer_lr_exits_naming_the_step(tmp_path):
+    """fm-train with an outer learning rate of 1e30: step 1 is saved, step 2's loss overflows."""
+    with pytest.raises(SystemExit) as caught:
+        run_binary(train_bin, ['--algorithm=maml', '--data=sinusoid', '--hidden=8', '--nojit',
+                               '--outer_lr=1e30', '--steps=50', '--checkpoint_every=1',
+                               '--val_every=0', f'--out_dir={tmp_path}'])
+    assert 'step 2' in str(caught.value.code) and 'ckpt-1' in str(caught.value.code)
+    assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('ckpt-1')
+
+
+def test_killed_run_leaves_a_readable_checkpoint(tmp_path):
+    """SIGKILL a training process that checkpoints every step, then restore and resume; a damaged
+    newest checkpoint or a stray partial one is skipped for the last good one."""
+    log = (tmp_path / 'stderr.txt').open('w')
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'benchmarks.train', '--algorithm=maml', '--data=sinusoid',
+         '--hidden=8', '--nojit', '--steps=1000000', '--checkpoint_every=1', '--keep=3',
+         '--val_every=0', '--log_every=1000', f'--out_dir={tmp_path}'],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    state_file = tmp_path / 'checkpoints' / 'checkpoint'
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and process.poll() is None:
+            listed = tf.train.get_checkpoint_state(str(tmp_path / 'checkpoints')) \
+                if state_file.exists() else None
+            if listed and len(listed.all_model_checkpoint_paths) >= 3:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)                          # somewhere in the middle of later steps
+        assert process.poll() is None, (tmp_path / 'stderr.txt').read_text()[-2000:]
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    config, _ = training.load_config(tmp_path)
+    learner = training.make_learner(config, jit_compile=False)
+    checkpoints = training.Checkpoints(tmp_path, learner.init(0))
+    state, info, path = checkpoints.restore()
+    assert path.endswith(f"ckpt-{info['step']}") and info['step'] >= 3
+    assert info['next_batch'] == info['step'] and training.all_finite(state)
+
+    # A partial checkpoint that was never listed, and a listed newest one that is damaged.
+    (tmp_path / 'checkpoints' / f"ckpt-{info['step'] + 1}.index").write_bytes(b'partial')
+    data_file = Path(f'{path}.data-00000-of-00001')
+    data_file.write_bytes(data_file.read_bytes()[:len(data_file.read_bytes()) // 2])
+    _, older, older_path = checkpoints.restore()
+    assert older['step'] < info['step'] and older_path in checkpoints.candidates()
+
+    sampler = training.make_sampler(None, n_way=1, k_shot=config['k_shot'],
+                                    q_query=config['q_query'], meta_batch=config['meta_batch'],
+                                    seed=config['seed'])
+    result = training.train(learner, sampler, out_dir=tmp_path, steps=older['step'] + 2,
+                            resume=True, summaries=False, on_progress=lambda r: None)
+    assert result.step == older['step'] + 2 and len(result.losses) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag errors before any work
+
+
+@pytest.mark.parametrize('argv, names', [
+    (['--algorithm=reptile'], '--algorithm'),
+    (['--algorithm=protonet', '--data=omniglot', '--data_path=/no/such/folder'], '--data_path'),
+    (['--algorithm=maml', '--split=0.9,0.9,0.1'], '--split'),
+])
+def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
+    with pytest.raises(flags.Error, match=names):
+        run_binary(train_bin, argv + [f'--out_dir={tmp_path}'])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('argv, names', [
+    (['--algorithm=protonet', '--data=synthetic', '--n_way=50'], 'n_way=50.*45 classes'),
+    (['--algorithm=protonet', '--data=omniglot'], '--data_path'),
+    (['--algorithm=protonet', '--inner_lr=0.1'], 'inner_lr'),
+    (['--algorithm=maml', '--preset=protonet_omniglot'], 'preset'),
+    (['--algorithm=pretrain', '--data=synthetic'], 'pretrain'),
+    (['--algorithm=metasgd', '--lr_mode=lslr'], 'lr_mode'),
+    (['--algorithm=maml', '--data=synthetic', '--train_groups=class0001,class0002',
+      '--test_groups=class0002'], 'share'),
+])
+def test_bad_flag_combinations_fail_before_training(argv, names, tmp_path):
+    with pytest.raises(app.UsageError, match=names):
+        run_binary(train_bin, argv + [f'--out_dir={tmp_path}'])
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_flag_errors(tmp_path):
+    with pytest.raises(app.UsageError, match='--checkpoint'):
+        run_binary(eval_bin, [])
+    with pytest.raises(app.UsageError, match='--checkpoint'):
+        run_binary(eval_bin, [f'--checkpoint={tmp_path}/missing'])
+    with pytest.raises(app.UsageError, match='--data'):
+        run_binary(eval_bin, ['--method=nn'])
+
+
+def test_binary_exits_nonzero_naming_the_flag(tmp_path):
+    """The same errors from a real process: non-zero status and the flag on stderr."""
+    result = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.train', '--algorithm=protonet', '--data=synthetic',
+         '--n_way=50', f'--out_dir={tmp_path}'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert 'n_way=50' in result.stderr and 'meta-training split has 45 classes' in result.stderr
