@@ -1,0 +1,50 @@
+"""Benchmark one MAML meta-training step: compile time, step time, tasks/s, FLOP/s, peak memory.
+
+Starts from a preset and overrides any field by flag; every MAML variant is a flag (second order
+by default, --first_order, --lr_mode=metasgd|lslr, --msl, --recompute). Examples:
+
+  fm-maml-bench                                     # maml_omniglot_5way, synthetic batch
+  fm-maml-bench --preset=maml_miniimagenet --inner_steps=2 --first_order --json
+  fm-maml-bench --device=cpu --mode=function --steps=50 --profile_dir=/tmp/trace
+  fm-maml-bench --data=omniglot --data_path=images_background.zip
+
+See benchmarks/common.py for the method and functional_meta/flops.py for what FLOPs count.
+"""
+
+from absl import app, flags
+
+from benchmarks import common
+from functional_meta import flops, maml
+
+FLAGS = flags.FLAGS
+common.define_flags("maml")
+flags.adopt_module_key_flags(common)
+
+
+def build_step(config, jit_compile):
+    """The compiled MAML train step of ``config``, its state, FLOPs and settings."""
+    init, apply = common.network(config)
+    steps = config["inner_steps"]
+    state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
+    step = maml.make_train_step(
+        apply, inner_steps=steps, outer_lr=config["outer_lr"], first_order=FLAGS.first_order,
+        loss=config["loss"], step_weights=[1.0 / steps] * steps if FLAGS.msl else None,
+        recompute=FLAGS.recompute, jit_compile=jit_compile)
+    step_flops = flops.maml_step(config, first_order=FLAGS.first_order, multi_step_loss=FLAGS.msl)
+    algorithm = {"inner_steps": steps, "order": "first" if FLAGS.first_order else "second",
+                 "lr_mode": FLAGS.lr_mode, "msl": FLAGS.msl, "recompute": FLAGS.recompute}
+    return step, state, step_flops, algorithm
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.run_benchmark("maml", build_step)
+
+
+def run():
+    common.run_binary(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,237 @@
+"""Benchmark binaries (run as subprocesses with tiny shapes), their flag validation, and the
+analytic FLOP counts (against hand counts and against the products XLA actually compiles).
+
+The binaries define global absl flags, so they are never imported here: flag validation is tested
+through ``common.parse_flags`` (a private ``FlagValues``) and everything else through subprocesses,
+kept to a handful because each one imports TensorFlow.
+"""
+
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from absl import app, flags
+
+from benchmarks import common
+from functional_meta import data, flops, maml, presets, protonet
+
+ROOT = Path(__file__).resolve().parents[1]
+# A MAML step that compiles in about two seconds on one CPU core (a conv4 step takes ~20 s).
+TINY_MAML = ["--preset=maml_mnist_mlp", "--hidden=8", "--image_shape=4,4,1", "--n_way=3",
+             "--k_shot=1", "--q_query=1", "--meta_batch=2", "--steps=2", "--device=cpu"]
+TINY_PROTONET = ["--channels=4", "--image_shape=8,8,1", "--pool=stride", "--n_way=3",
+                 "--k_shot=2", "--q_query=1", "--meta_batch=2", "--steps=2", "--device=cpu"]
+
+
+def run_module(module, *args, timeout=240):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def last_json(done):
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_timing(record, algorithm_flops):
+    step = record["step_s"]
+    assert 0 < step["min"] <= step["median"] <= step["max"]
+    assert 0 <= step["iqr"] <= step["max"] - step["min"]
+    assert record["first_call_s"] > 0
+    assert record["tasks_per_s"] == pytest.approx(record["config"]["meta_batch"] / step["median"])
+    assert record["flops_per_step"] == algorithm_flops
+    assert record["achieved_flops_per_s"] == pytest.approx(algorithm_flops / step["median"])
+    assert record["matmul_flops_per_s"] > 1e8 and record["matmul_size"] == 1024
+    assert record["peak_memory_kind"] == "process_peak_rss"
+    assert record["peak_memory_bytes"] > 50 * 2 ** 20       # TensorFlow alone is bigger
+    assert record["device"] == "cpu" and record["tf_version"] == tf.__version__
+    assert math.isfinite(record["loss"])
+
+
+def test_maml_bench_reports_every_number_and_writes_a_profile(tmp_path):
+    profile = tmp_path / "profile"
+    done = run_module("benchmarks.maml_bench", *TINY_MAML, "--inner_steps=2", "--msl",
+                      "--lr_mode=lslr", "--recompute", "--warmup=2", "--data=synthetic_classes",
+                      f"--profile_dir={profile}", "--json")
+    record = last_json(done)
+    config = record["config"]
+    assert (config["n_way"], config["k_shot"], config["meta_batch"], config["inner_steps"]) \
+        == (3, 1, 2, 2)
+    assert config["hidden"] == [8] and config["image_shape"] == [4, 4, 1]
+    assert record["algorithm"] == {"inner_steps": 2, "order": "second", "lr_mode": "lslr",
+                                   "msl": True, "recompute": True}
+    assert record["mode"] == "xla"                          # the CPU default for MAML
+    assert record["steps"] == 2 and record["warmup"] == 2
+    assert record["data"] == "synthetic_classes" and "tf.data" in record["input"]
+    wait = record["input_wait_s"]
+    assert 0 <= wait["min"] <= wait["median"] <= wait["max"] <= record["step_s"]["max"]
+    assert record["stalled"] == (record["stalled_steps"] > 0)
+    check_timing(record, flops.maml_step(config, first_order=False, multi_step_loss=True))
+    assert "step time" in done.stdout and "tasks/s" in done.stdout and "stalled" in done.stdout
+    assert list(profile.glob("plugins/profile/*/*.xplane.pb")), "no profiler trace written"
+
+
+def test_sweep_runs_protonet_in_eager_and_function_mode_and_writes_csv_and_plot(tmp_path):
+    table = tmp_path / "sweep.csv"
+    done = run_module("benchmarks.sweep", "--bench=protonet", "--grid=mode=eager,function",
+                      f"--csv={table}", "--", *TINY_PROTONET, "--metric=cosine")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(table.open()))
+    assert [r["mode"] for r in rows] == ["eager", "function"]
+    config = presets.get("protonet_omniglot", channels=4, image_shape=(8, 8, 1), pool="stride",
+                         n_way=3, k_shot=2, q_query=1, meta_batch=2)
+    for row in rows:
+        assert row["error"] == "" and row["device"] == "cpu"
+        seconds = float(row["step_median_ms"]) / 1e3
+        assert float(row["tasks_per_s"]) == pytest.approx(2 / seconds, rel=1e-6)
+        assert float(row["achieved_gflops"]) * 1e9 * seconds == pytest.approx(
+            flops.protonet_step(config), rel=1e-6)
+        assert float(row["peak_memory_mib"]) > 50 and float(row["first_call_s"]) > 0
+        assert row["input_wait_max_ms"] == "" and row["stalled"] == "False"  # fixed batch
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "sweep.png").stat().st_size > 1000
+    else:
+        assert "matplotlib is not installed" in done.stdout
+
+
+def test_data_dependent_flag_errors_exit_before_compiling():
+    # synthetic_classes has 20 images per class: 15 + 10 do not fit.
+    done = run_module("benchmarks.maml_bench", *TINY_MAML, "--data=synthetic_classes",
+                      "--k_shot=15", "--q_query=10")
+    assert done.returncode != 0
+    assert "--k_shot + --q_query = 15 + 10" in done.stderr
+    assert "first call" not in done.stderr                 # nothing was traced or compiled
+
+
+def test_too_many_ways_for_the_data_names_n_way():
+    config = presets.get("maml_omniglot_5way", n_way=5)
+    with pytest.raises(app.UsageError, match="--n_way=5 but --data=synthetic_classes has 4"):
+        common.check_classes(config, data.synthetic(4, 20, (28, 28, 1)), "synthetic_classes")
+    common.check_classes(config, data.synthetic(5, 2, (28, 28, 1)), "synthetic_classes")
+    with pytest.raises(app.UsageError, match="--image_shape=28,28,1"):
+        common.check_classes(config, data.synthetic(5, 2, (14, 14, 1)), "synthetic_classes")
+
+
+@pytest.mark.parametrize("family, args, named", [
+    ("maml", ["--n_way=-1"], "--n_way"),
+    ("maml", ["--meta_batch=0"], "--meta_batch"),
+    ("maml", ["--preset=protonet_omniglot"], "--preset"),   # another family's preset
+    ("maml", ["--mode=fast"], "--mode"),
+    ("protonet", ["--device=tpu"], "--device"),
+    ("maml", ["--image_shape=28,x"], "--image_shape"),
+    ("maml", ["--pool=max", "--image_shape=8,8,1"], "--image_shape"),  # feature map vanishes
+    ("maml", ["--data=omniglot"], "--data_path"),
+    ("maml", ["--data=sinusoid"], "--data=sinusoid"),
+    ("maml", ["--preset=maml_sinusoid", "--net=conv4"], "--channels"),
+    ("protonet", ["--net=mlp"], "--hidden"),
+    ("protonet", ["--inner_steps=2"], "inner_steps"),
+    ("maml", ["--steps=0"], "--steps"),
+])
+def test_invalid_flags_are_rejected_while_parsing_and_named(family, args, named):
+    with pytest.raises(flags.Error, match=re.escape(named)):
+        common.parse_flags(family, args)
+
+
+def test_flags_override_the_preset_and_unset_flags_keep_it():
+    fv = common.parse_flags("maml", ["--preset=maml_omniglot_20way", "--inner_steps=2",
+                                     "--image_shape=14,14,1"])
+    config = common.config_from_flags("maml", fv)
+    expected = dict(presets.PRESETS["maml_omniglot_20way"], inner_steps=2, image_shape=(14, 14, 1))
+    assert {k: config[k] for k in expected} == expected
+
+
+def test_console_scripts_point_at_run():
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    for name, module in (("fm-maml-bench", "maml_bench"), ("fm-protonet-bench", "protonet_bench"),
+                         ("fm-sweep", "sweep")):
+        assert scripts.get(name) == f"benchmarks.{module}:run"
+        source = importlib.util.find_spec(f"benchmarks.{module}").origin
+        assert "def run():" in Path(source).read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counts.
+
+def test_forward_flops_match_a_hand_count():
+    # conv4, stride 2, 8x8x1 -> 4x4 -> 2x2 -> 1x1 -> 1x1, 4 filters, 3-way head:
+    # 2*9*C_in*C_out*pixels: 18*1*4*16, 18*4*4*4, 18*4*4*1, 18*4*4*1; head 2*4*3.
+    stride = dict(family="maml", net="conv4", channels=4, pool="stride", image_shape=(8, 8, 1),
+                  n_way=3)
+    assert flops.network_layers(stride) == [1152, 1152, 288, 288, 24]
+    # Max pooling: convolutions at 16x16, 8x8, 4x4, 2x2 with 2 input channels first, no head.
+    pooled = dict(stride, family="protonet", pool="max", image_shape=(16, 16, 2))
+    assert flops.forward(pooled) == 18 * (2 * 4 * 256 + 16 * 64 + 16 * 16 + 16 * 4)
+    # mlp 784-64-64-5 and the sinusoid 1-40-40-1.
+    mlp = dict(family="maml", net="mlp", hidden=(64, 64), image_shape=(28, 28, 1), n_way=5)
+    assert flops.forward(mlp) == 2 * (784 * 64 + 64 * 64 + 64 * 5)
+    assert flops.forward(presets.get("maml_sinusoid")) == 2 * (40 + 40 * 40 + 40)
+    assert flops.gradient(mlp) == 3 * flops.forward(mlp) - 2 * 784 * 64
+
+
+def compiled_flops(hlo, ops=("dot", "convolution")):
+    """FLOPs of the products in optimised HLO text: 2 * output elements * contracted size.
+
+    The losses' own small products (softmax cross-entropy's second derivative) are skipped: the
+    analytic count leaves losses out.
+    """
+    shapes, products = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)", line)
+        if m:
+            name, dims, op, rest = m.groups()
+            shapes[name] = [int(d) for d in dims.split(",") if d]
+            if op in ops and "oftmax" not in rest:
+                products.append((name, op, rest))
+    total = 0
+    for name, op, rest in products:
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        if op == "dot":
+            lhs = shapes[operands[0]]
+            contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+            size = math.prod(lhs[int(i)] for i in contract.split(","))
+        else:
+            assert "batch_group_count" not in rest, "extend compiled_flops to batch groups"
+            rhs = shapes[operands[1]]
+            kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
+            size = math.prod(rhs) // rhs[kernel_labels.index("o")]
+        total += 2 * math.prod(shapes[name]) * size
+    return total
+
+
+def _tasks(config, seed=0):
+    return tuple(tf.constant(a) for a in common.synthetic_batch(config, seed))
+
+
+@pytest.mark.parametrize("first_order, msl", [(False, True), (True, False)])
+def test_maml_step_flops_match_the_compiled_step(first_order, msl):
+    config = dict(family="maml", net="mlp", hidden=(6, 5), image_shape=(4,), n_way=3, k_shot=2,
+                  q_query=3, meta_batch=2, inner_steps=2, loss="cross_entropy")
+    init, apply = presets.network(config)
+    step = maml.make_train_step(apply, inner_steps=2, first_order=first_order,
+                                step_weights=[0.5, 0.5] if msl else None)
+    hlo = step.experimental_get_compiler_ir(maml.init_state(init(0), 0.4, "fixed", 2),
+                                            _tasks(config))(stage="optimized_hlo")
+    assert compiled_flops(hlo) == flops.maml_step(config, first_order=first_order,
+                                                  multi_step_loss=msl)
+
+
+def test_protonet_step_flops_match_the_compiled_convolutions():
+    # Unoptimised HLO (optimising convolutions on CPU takes seconds): it still holds the first
+    # layer's input gradient, which XLA prunes later and the analytic count leaves out.
+    config = dict(family="protonet", net="conv4", channels=4, pool="max", image_shape=(16, 16, 1),
+                  n_way=3, k_shot=2, q_query=1, meta_batch=2)
+    init, apply = common.network(config)
+    step = protonet.make_train_step(apply, 3)
+    hlo = step.compiled.experimental_get_compiler_ir(protonet.init_state(init(0)),
+                                                     _tasks(config))(stage="hlo")
+    images = 2 * 3 * (2 + 1)
+    assert compiled_flops(hlo, ops=("convolution",)) == \
+        flops.protonet_step(config) + images * flops.network_layers(config)[0]
