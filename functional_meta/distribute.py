@@ -34,6 +34,7 @@ TensorFlow multi-worker guide recommends); every worker restores from the chief'
 """
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -210,6 +211,12 @@ def _protonet(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
 
 def _check_options(algorithm, options):
     """The checks the single-device steps make when traced, made before anything compiles."""
+    parameters = inspect.signature(_maml if algorithm == "maml" else _protonet).parameters
+    allowed = [name for name in parameters if name != "apply_fn"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for algorithm={algorithm!r}; "
+                         f"the options are {allowed}")
     if algorithm == "maml":
         steps = options.get("inner_steps")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:

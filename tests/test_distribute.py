@@ -229,3 +229,16 @@ def test_default_strategy_step_equals_single_device(reference):
                                                   jit_compile=False, **options)
     assert step.num_replicas == 1
     _assert_states_close(W.flat(W.train(step, state, steps)), reference["linear"], "none")
+
+
+def test_options_are_checked_before_anything_compiles():
+    strategy = distribute.make_strategy("none")
+    _, _, (_, apply), _, _ = W.problems()["protonet"]
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['outer_lr'\].*'lr'"):
+        distribute.make_distributed_train_step(strategy, "protonet", apply, meta_batch=4,
+                                               n_way=3, outer_lr=1e-3)
+    with pytest.raises(ValueError, match="inner_steps must be a positive integer"):
+        distribute.make_distributed_train_step(strategy, "maml", apply, meta_batch=4,
+                                               inner_steps=0)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        distribute.make_distributed_train_step(strategy, "reptile", apply, meta_batch=4)
