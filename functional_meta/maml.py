@@ -109,10 +109,15 @@ def _recomputed_step(apply_fn, weights, x, y, lrs, loss, first_order):
     @tf.custom_gradient
     def run(*flat):
         def grad(*upstream):
+            # Adding zero times a value of the backward pass makes the recomputation depend on it:
+            # it then runs in the backward pass, and XLA cannot merge it with the forward one
+            # (common-subexpression elimination would bring the stored activations back).
+            after = 0.0 * tf.reduce_sum(upstream[0])
+            inputs = [v + tf.cast(after, v.dtype) for v in flat]
             with tf.GradientTape() as tape:
-                tape.watch(flat)
-                out = inner_step(apply_fn, list(flat[:n]), x, y, list(flat[n:]), loss, first_order)
-            return tape.gradient(out, flat, output_gradients=list(upstream))
+                tape.watch(inputs)
+                out = inner_step(apply_fn, inputs[:n], x, y, inputs[n:], loss, first_order)
+            return tape.gradient(out, inputs, output_gradients=list(upstream))
         return inner_step(apply_fn, list(flat[:n]), x, y, list(flat[n:]), loss, first_order), grad
 
     return list(run(*weights, *lrs))
