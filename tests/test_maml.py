@@ -154,7 +154,7 @@ def test_xla_and_plain_meta_gradients_agree():
 
 
 def test_recompute_gives_the_same_meta_gradient():
-    init, apply = NETS["conv4"]()
+    init, apply = NETS["mlp"]()
     weights, tasks = init(0, F64), image_tasks(np.random.default_rng(3))
     kw = dict(inner_lr=0.3, inner_steps=3)
     _, stored = maml.meta_gradients(apply, weights, tasks, **kw)

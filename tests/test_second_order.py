@@ -59,3 +59,22 @@ def test_zero_hessian_gives_zero_correction_and_cosine_one():
     out = second_order.split(apply, weights, tasks, inner_lr=0.5, inner_steps=2, loss=linear_loss)
     assert float(out["norm_correction_total"]) < 1e-12
     np.testing.assert_allclose([float(c) for c in out["cosine"]], 1.0, rtol=1e-12)
+
+
+def test_study_binary_logs_the_split(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "study.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.maml_study", "--preset=maml_sinusoid", "--data=sinusoid",
+         "--hidden=8", "--meta_batch=4", "--train_steps=3", "--log_every=2", f"--output={out}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert len(r["cosine"]) == 6 and -1.0 <= r["cosine_total"] <= 1.0 + 1e-6
+        assert r["norm_correction_total"] > 0 and r["curvature"] == r["curvature"]
+        assert r["norm_exact_total"] <= r["norm_first_order_total"] + r["norm_correction_total"] + 1e-6
+    assert "cos(first-order, exact)" in proc.stdout
