@@ -74,7 +74,7 @@ def test_study_binary_logs_the_split(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert len(r["cosine"]) == 6 and -1.0 <= r["cosine_total"] <= 1.0 + 1e-6
+        assert len(r["cosine"]) == 4 and -1.0 <= r["cosine_total"] <= 1.0 + 1e-6
         assert r["norm_correction_total"] > 0 and r["curvature"] == r["curvature"]
         assert r["norm_exact_total"] <= r["norm_first_order_total"] + r["norm_correction_total"] + 1e-6
     assert "cos(first-order, exact)" in proc.stdout
