@@ -51,7 +51,8 @@ flags.DEFINE_integer("n_way", None, "Classes per episode; default: the preset's 
 flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's (fm-eval: "
                      "the checkpoint's).", lower_bound=1, **_SHARED)
 flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's (fm-eval: "
-                     "15, or the checkpoint's for sinusoids).", lower_bound=1, **_SHARED)
+                     "the checkpoint's for MAML, so batch norm sees query sets of the trained "
+                     "size; 15 for ProtoNet and the pixel baselines).", lower_bound=1, **_SHARED)
 
 flags.DEFINE_integer("inner_steps", None, "MAML inner steps; default: the preset's (fm-eval: at "
                      "test time, default the checkpoint's test_inner_steps; sinusoids are also "
@@ -148,7 +149,7 @@ def main(argv):
                                  "checkpoints on the same episodes")
     n_way = FLAGS.n_way or (base.get("test_n_way") or base.get("n_way", 5))
     k_shot = FLAGS.k_shot or base.get("k_shot", 1)
-    q_query = FLAGS.q_query or (base["q_query"] if regression else 15)
+    q_query = FLAGS.q_query or (base["q_query"] if base.get("family") == "maml" else 15)
     try:
         splits = training.load_splits(data_config)
     except ValueError as error:

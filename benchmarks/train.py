@@ -54,7 +54,8 @@ flags.DEFINE_integer("n_way", None, "Classes per episode; default: the preset's 
 flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's (fm-eval: "
                      "the checkpoint's).", lower_bound=1, **_SHARED)
 flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's (fm-eval: "
-                     "15, or the checkpoint's for sinusoids).", lower_bound=1, **_SHARED)
+                     "the checkpoint's for MAML, so batch norm sees query sets of the trained "
+                     "size; 15 for ProtoNet and the pixel baselines).", lower_bound=1, **_SHARED)
 
 flags.DEFINE_integer("inner_steps", None, "MAML inner steps; default: the preset's (fm-eval: at "
                      "test time, default the checkpoint's test_inner_steps; sinusoids are also "
