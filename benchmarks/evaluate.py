@@ -15,62 +15,12 @@ import os
 
 from absl import app, flags
 
+from benchmarks import run_flags
 from functional_meta import training
 
 FLAGS = flags.FLAGS
 
-# Data, class splits and episode shape. fm-train and fm-eval define these flags identically
-# (allow_override lets both binaries be imported into one process); in fm-eval a flag left unset
-# takes the checkpoint's value from its config.json.
-_SHARED = dict(allow_override=True)
-flags.DEFINE_enum("data", None, list(training.DATA_SOURCES),
-                  "Data source; default: the preset's (fm-eval: the checkpoint's). 'sinusoid' is "
-                  "the MAML regression task.", **_SHARED)
-flags.DEFINE_string("data_path", None,
-                    "Zip/folder/.npz of the source (several Omniglot zips joined by ','); for the "
-                    "TFDS sources an optional data_dir.", **_SHARED)
-flags.DEFINE_bool("rotations", False, "Add each class rotated by 90/180/270 degrees as new "
-                  "classes (training split only; validation and test use the originals).",
-                  **_SHARED)
-flags.DEFINE_list("train_groups", None, "Groups (Omniglot alphabets) for meta-training; default: "
-                  "all not in --val_groups/--test_groups.", **_SHARED)
-flags.DEFINE_list("val_groups", None, "Groups for validation; default: --val_fraction of the "
-                  "training classes.", **_SHARED)
-flags.DEFINE_list("test_groups", None, "Groups for meta-testing; default: all groups not used for "
-                  "training or validation.", **_SHARED)
-flags.DEFINE_list("exclude_groups", None, "Groups dropped before any split.", **_SHARED)
-flags.DEFINE_list("split", ["0.7", "0.1", "0.2"], "Train,val,test fractions of the groups, used "
-                  "when neither --train_groups nor --test_groups is given.", **_SHARED)
-flags.DEFINE_float("val_fraction", 0.1, "With group lists and no --val_groups: the fraction of "
-                   "training classes held out for validation (0 = none).", **_SHARED)
-flags.DEFINE_integer("split_seed", 0, "Seed of the random class splits.", lower_bound=0, **_SHARED)
-flags.DEFINE_bool("jit", None, "XLA-compile the steps; default: on for MAML-style algorithms, for "
-                  "ProtoNet only on GPU (oneDNN convolutions are faster on CPU).", **_SHARED)
-flags.DEFINE_integer("n_way", None, "Classes per episode; default: the preset's (fm-eval: the "
-                     "checkpoint's test way).", lower_bound=1, **_SHARED)
-flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's (fm-eval: "
-                     "the checkpoint's).", lower_bound=1, **_SHARED)
-flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's (fm-eval: "
-                     "the checkpoint's for MAML, so batch norm sees query sets of the trained "
-                     "size; 15 for ProtoNet and the pixel baselines).", lower_bound=1, **_SHARED)
-
-flags.DEFINE_integer("inner_steps", None, "MAML inner steps; default: the preset's (fm-eval: at "
-                     "test time, default the checkpoint's test_inner_steps; sinusoids are also "
-                     "scored after 1 step).", lower_bound=1, **_SHARED)
-
-
-@flags.validator("data_path", "--data_path: every path (joined by ',') must exist")
-def _check_data_path(value):
-    return value is None or all(os.path.exists(p) for p in value.split(","))
-
-
-@flags.validator("split", "--split: three non-negative fractions train,val,test summing to <= 1")
-def _check_split(value):
-    try:
-        fractions = [float(v) for v in value]
-    except (TypeError, ValueError):
-        return False
-    return len(fractions) == 3 and min(fractions) >= 0 and sum(fractions) <= 1 + 1e-9
+flags.adopt_module_key_flags(run_flags)
 
 
 flags.DEFINE_list("checkpoint", None, "Run folders of fm-train (their best checkpoint, else the "
