@@ -16,10 +16,11 @@ import os
 import sys
 import time
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 from benchmarks import run_flags
-from functional_meta import presets, training
+from functional_meta import distribute, presets, training
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +61,13 @@ flags.DEFINE_integer("val_every", 500, "Steps between validations (0 = never).",
 flags.DEFINE_integer("val_episodes", 200, "Episodes per validation.", lower_bound=1)
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1)
 flags.DEFINE_integer("keep", 5, "Latest checkpoints kept (the best is kept apart).", lower_bound=1)
+flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multiworker"],
+                  "Data parallelism over the meta-batch: none (one device), mirrored (every GPU of "
+                  "this host, or every logical CPU, see --logical_cpus), multiworker (hosts listed "
+                  "in the TF_CONFIG environment variable; the chief writes checkpoints).")
+flags.DEFINE_integer("logical_cpus", 0, "Without GPUs: split the CPU into this many logical devices "
+                     "so --strategy=mirrored has that many replicas (0 = leave the CPU whole).",
+                     lower_bound=0)
 flags.DEFINE_bool("plots", False, "Draw PNG figures in --out_dir at the end (needs matplotlib): "
                   "learning curves; sinusoid fits; ProtoNet embeddings at the kept checkpoints.")
 
@@ -114,12 +122,30 @@ def _draw(out_dir, config, learner, checkpoints_kept, held_out):
         logging.info("wrote %s", path)
 
 
+def make_strategy():
+    """``None`` for --strategy=none, else the ``tf.distribute`` strategy (created before any other
+    TensorFlow operation, as multi-worker collectives require)."""
+    if FLAGS.strategy == "none":
+        return None
+    if FLAGS.logical_cpus > 1 and not tf.config.list_physical_devices("GPU"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.logical_cpus)
+    try:
+        strategy = distribute.make_strategy(FLAGS.strategy)
+    except ValueError as error:
+        raise app.UsageError(f"--strategy={FLAGS.strategy}: {error}") from None
+    logging.info("--strategy=%s: %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
+    return strategy
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     for name in ("algorithm", "out_dir"):           # checked here, not by a flag validator, so
         if not FLAGS[name].value:                   # other binaries can share this process
             raise app.UsageError(f"--{name} is required")
+    strategy = make_strategy()     # first TensorFlow call: multi-worker collectives need that
     config = config_from_flags()
     if training.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
         raise app.UsageError(f"--out_dir={FLAGS.out_dir} already holds checkpoints: pass --resume "
@@ -143,9 +169,11 @@ def main(argv):
         logging.info("classes: %d meta-train, %d validation, %d test", len(train_classes),
                      len(val_classes), len(test_classes))
     if FLAGS.deterministic:
-        import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
-    learner = training.make_learner(config, jit_compile=FLAGS.jit)
+    try:
+        learner = training.make_learner(config, jit_compile=FLAGS.jit, strategy=strategy)
+    except ValueError as error:
+        raise app.UsageError(f"bad flags (--strategy/--meta_batch): {error}") from None
     sampler = training.make_sampler(train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
                                     q_query=config["q_query"], meta_batch=config["meta_batch"],
                                     seed=FLAGS.seed)
@@ -167,10 +195,13 @@ def main(argv):
                  FLAGS.steps, FLAGS.out_dir)
     start = time.perf_counter()
     try:
-        result = training.train(learner, sampler, out_dir=FLAGS.out_dir, steps=FLAGS.steps,
-                                seed=FLAGS.seed, log_every=FLAGS.log_every,
-                                checkpoint_every=FLAGS.checkpoint_every, keep=FLAGS.keep,
-                                validate=validate, val_every=FLAGS.val_every, resume=FLAGS.resume)
+        with distribute.checkpoint_directory(strategy or tf.distribute.get_strategy(),
+                                             FLAGS.out_dir) as write_dir:
+            result = training.train(learner, sampler, out_dir=write_dir, steps=FLAGS.steps,
+                                    seed=FLAGS.seed, log_every=FLAGS.log_every,
+                                    checkpoint_every=FLAGS.checkpoint_every, keep=FLAGS.keep,
+                                    validate=validate, val_every=FLAGS.val_every,
+                                    resume=FLAGS.resume, restore_from=FLAGS.out_dir)
     except training.NonFiniteError as error:
         sys.exit(f"fm-train: stopped: {error}")
     except ValueError as error:          # e.g. an existing run without --resume

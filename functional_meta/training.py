@@ -38,7 +38,7 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 from functional_meta import data as data_lib
-from functional_meta import episodes, maml, metrics, optim, presets, protonet
+from functional_meta import distribute, episodes, maml, metrics, optim, presets, protonet
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "protonet", "pretrain")
 LR_MODES = ("fixed", "metasgd", "lslr")
@@ -323,15 +323,24 @@ class Learner(NamedTuple):
     apply: Callable
 
 
-def make_learner(config, jit_compile=None):
-    """The ``Learner`` of ``config['algorithm']`` (``jit_compile=None``: ``default_jit``)."""
+def make_learner(config, jit_compile=None, strategy=None):
+    """The ``Learner`` of ``config['algorithm']`` (``jit_compile=None``: ``default_jit``).
+
+    With a ``tf.distribute`` ``strategy`` the step splits each meta-batch over its replicas
+    (``functional_meta.distribute``); the result equals the single-device step.
+    """
     check_config(config)
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
     init, apply = presets.network(config)
+    if strategy is not None and config["algorithm"] == "pretrain":
+        raise ValueError("the pretrain baseline runs on one device only (no --strategy)")
     if config["algorithm"] == "protonet":
-        step = protonet.make_train_step(apply, config["n_way"], lr=config["outer_lr"],
-                                        metric=config["metric"], jit_compile=jit_compile)
+        options = dict(n_way=config["n_way"], lr=config["outer_lr"], metric=config["metric"])
+        step = (distribute.make_distributed_train_step(
+                    strategy, "protonet", apply, meta_batch=config["meta_batch"],
+                    jit_compile=jit_compile, **options) if strategy is not None else
+                protonet.make_train_step(apply, jit_compile=jit_compile, **options))
         return Learner(config, lambda seed: protonet.init_state(init(seed)), step, apply)
 
     def init_state(seed):
@@ -341,9 +350,14 @@ def make_learner(config, jit_compile=None):
     if config["algorithm"] == "pretrain":
         return Learner(config, init_state, _pretrain_step(apply, config["outer_lr"], jit_compile),
                        apply)
-    step = maml.make_train_step(apply, inner_steps=config["inner_steps"],
-                                outer_lr=config["outer_lr"], first_order=config["first_order"],
-                                loss=config["loss"], jit_compile=jit_compile)
+    options = dict(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
+                   first_order=config["first_order"], loss=config["loss"])
+    if strategy is not None:
+        step = distribute.make_distributed_train_step(
+            strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
+            **options)
+    else:
+        step = maml.make_train_step(apply, jit_compile=jit_compile, **options)
     return Learner(config, init_state, step, apply)
 
 
@@ -660,7 +674,8 @@ def _episode_summary(batch, step):
 
 
 def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint_every=500, keep=5,
-          validate=None, val_every=0, resume=False, summaries=True, on_progress=None):
+          validate=None, val_every=0, resume=False, summaries=True, on_progress=None,
+          restore_from=None):
     """Meta-trains ``learner`` on ``sampler``'s batches for ``steps`` steps in total.
 
     ``out_dir`` receives ``config.json`` (``learner.config``), ``history.jsonl`` (one JSON record per
@@ -676,6 +691,10 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     state, inner rates and batch index, so (with op determinism on) the losses equal those of an
     uninterrupted run; without it a folder that already holds checkpoints is refused. A non-finite
     loss raises ``NonFiniteError`` naming the step before anything of that step is saved.
+
+    ``restore_from``: the run folder whose checkpoints ``resume`` reads (default ``out_dir``). A
+    non-chief worker of a multi-worker run writes into a temporary ``out_dir`` and restores from
+    the chief's folder (``distribute.checkpoint_directory``).
     """
     _check_positive_int({"steps": steps, "log_every": log_every,
                          "checkpoint_every": checkpoint_every}, "steps", "log_every",
@@ -692,15 +711,17 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
             "best_step": -1}
     stored = (json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists()
               else None)
-    if checkpoints.candidates():
+    source = checkpoints if restore_from is None else Checkpoints(Path(restore_from), state,
+                                                                    keep=keep)
+    if source.candidates():
         if not resume:
             raise ValueError(f"{out} already holds checkpoints; resume (--resume) or choose "
                              "another out_dir")
         if stored is not None:
             _check_same_config(stored, learner.config)
-        found = checkpoints.restore()
+        found = source.restore()
         if found is None:
-            raise ValueError(f"no readable checkpoint in {out / 'checkpoints'}")
+            raise ValueError(f"no readable checkpoint in {source.directory}")
         state, info, path = found
         if info["data_seed"] != sampler.seed:
             raise ValueError(f"cannot resume: the checkpoint's data seed is {info['data_seed']}, "

@@ -332,3 +332,23 @@ def test_binary_exits_nonzero_naming_the_flag(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert 'n_way=50' in result.stderr and 'meta-training split has 45 classes' in result.stderr
+
+
+def test_mirrored_strategy_trains_like_one_device(tmp_path):
+    """fm-train --strategy=mirrored over two logical CPUs gives the single-device losses."""
+    losses = {}
+    for strategy in ("none", "mirrored"):
+        out = tmp_path / strategy
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.train", "--algorithm=maml", "--data=synthetic",
+             "--channels=4", "--meta_batch=4", "--steps=3", "--log_every=1", "--val_every=0",
+             "--jit=false", f"--strategy={strategy}", "--logical_cpus=2", f"--out_dir={out}"],
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        replicas = 2 if strategy == "mirrored" else None
+        if replicas:
+            assert "--strategy=mirrored: 2 replicas" in proc.stderr
+        records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        losses[strategy] = [r["loss"] for r in records if "loss" in r]
+    assert len(losses["none"]) == 3
+    np.testing.assert_allclose(losses["mirrored"], losses["none"], rtol=1e-5)
