@@ -43,7 +43,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from functional_meta import data as data_lib
-from functional_meta import episodes, nets, presets
+from functional_meta import distribute, episodes, nets, presets
 
 FLAGS = flags.FLAGS
 
@@ -193,7 +193,14 @@ def define_data_flags(choices=BENCH_DATA, default="synthetic", flag_values=FLAGS
 
 
 def define_device_flags(flag_values=FLAGS):
-    """``--device`` and ``--mode`` (execution mode of the step)."""
+    """``--device``, ``--mode`` (execution mode of the step) and ``--strategy``."""
+    flags.DEFINE_enum("strategy", "none", list(distribute.STRATEGIES),
+                      "Data parallelism over the meta-batch: none, mirrored (every GPU, or every "
+                      "logical CPU, see --logical_cpus), multiworker (hosts in TF_CONFIG).",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("logical_cpus", 0, "Without GPUs: split the CPU into this many logical "
+                         "devices, one replica each under --strategy=mirrored (0: whole CPU).",
+                         lower_bound=0, flag_values=flag_values)
     flags.DEFINE_enum("device", None, ["cpu", "gpu"], "Where to run (default: gpu if one is "
                       "visible, else cpu).", flag_values=flag_values)
     flags.DEFINE_enum("mode", None, list(MODES),
@@ -372,6 +379,21 @@ def input_batches(config, source, path, seed):
 # ----------------------------------------------------------------------------------------------
 # Device, reference matmul, memory.
 
+def make_strategy(name, logical_cpus):
+    """``None`` for ``'none'``, else the ``tf.distribute`` strategy (see ``functional_meta.distribute``);
+    ``logical_cpus > 1`` first splits a GPU-less CPU into that many logical devices."""
+    if name == "none":
+        return None
+    if logical_cpus > 1 and not tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
+    try:
+        return distribute.make_strategy(name)
+    except ValueError as error:
+        raise app.UsageError(f"--strategy={name}: {error}") from None
+
+
 def choose_device(requested):
     """``'cpu'`` or ``'gpu'``; ``--device=cpu`` hides the GPUs. Call before any TensorFlow op."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -494,12 +516,13 @@ def time_steps(step, state, next_batch, steps, warmup, profile_dir=None):
 def run_benchmark(family, build_step, flag_values=FLAGS):
     """The benchmark of one configuration; prints the table and, with ``--json``, a JSON line.
 
-    ``build_step(config, jit_compile) -> (step, state, flops_per_step, algorithm)`` builds the
-    family's step ``step(state, batch) -> (state, {'loss', ...})``, its initial state, the analytic
+    ``build_step(config, jit_compile, strategy) -> (step, state, flops_per_step, algorithm)``
+    builds the family's step (split over ``strategy``'s replicas unless it is ``None``) ``step(state, batch) -> (state, {'loss', ...})``, its initial state, the analytic
     FLOPs of one step (``functional_meta.flops``) and a dict of algorithm settings to report.
     Returns the record (the JSON line's content).
     """
     fv = flag_values
+    strategy = make_strategy(fv.strategy, fv.logical_cpus)   # before any other TensorFlow op
     config = config_from_flags(family, fv)
     device = choose_device(fv.device)
     mode = fv.mode or default_mode(family, device)
@@ -508,7 +531,7 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
         logging.info("reference matmul on %s", device)
         matmul, matmul_size = matmul_flops_per_s(device)
         reset_peak_memory(device)
-        step, state, flops_per_step, algorithm = build_step(config, mode == "xla")
+        step, state, flops_per_step, algorithm = build_step(config, mode == "xla", strategy)
         tf.config.run_functions_eagerly(mode == "eager")
         try:
             timing = time_steps(step, state, next_batch, fv.steps, fv.warmup, fv.profile_dir)
@@ -521,6 +544,7 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "algorithm": algorithm, "mode": mode, "device": device, "device_name": device_name(device),
         "tf_version": tf.__version__, "data": fv.data, "input": input_kind,
+        "strategy": fv.strategy, "replicas": strategy.num_replicas_in_sync if strategy else 1,
         "steps": fv.steps, "warmup": fv.warmup, **timing,
         **({"input_wait_s": None, "stalled_steps": 0} if fv.data == "synthetic" else {}),
         "stalled": fv.data != "synthetic" and timing["stalled_steps"] > 0,

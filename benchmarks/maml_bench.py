@@ -14,22 +14,28 @@ See benchmarks/common.py for the method and functional_meta/flops.py for what FL
 from absl import app, flags
 
 from benchmarks import common
-from functional_meta import flops, maml
+from functional_meta import distribute, flops, maml
 
 FLAGS = flags.FLAGS
 common.define_flags("maml")
 flags.adopt_module_key_flags(common)
 
 
-def build_step(config, jit_compile):
-    """The compiled MAML train step of ``config``, its state, FLOPs and settings."""
+def build_step(config, jit_compile, strategy=None):
+    """The compiled MAML train step of ``config`` (split over ``strategy``'s replicas when
+    given), its state, FLOPs and settings."""
     init, apply = common.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
-    step = maml.make_train_step(
-        apply, inner_steps=steps, outer_lr=config["outer_lr"], first_order=FLAGS.first_order,
-        loss=config["loss"], step_weights=[1.0 / steps] * steps if FLAGS.msl else None,
-        recompute=FLAGS.recompute, jit_compile=jit_compile)
+    options = dict(inner_steps=steps, outer_lr=config["outer_lr"], first_order=FLAGS.first_order,
+                   loss=config["loss"], recompute=FLAGS.recompute,
+                   step_weights=[1.0 / steps] * steps if FLAGS.msl else None)
+    if strategy is None:
+        step = maml.make_train_step(apply, jit_compile=jit_compile, **options)
+    else:
+        step = distribute.make_distributed_train_step(
+            strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
+            **options)
     step_flops = flops.maml_step(config, first_order=FLAGS.first_order, multi_step_loss=FLAGS.msl)
     algorithm = {"inner_steps": steps, "order": "first" if FLAGS.first_order else "second",
                  "lr_mode": FLAGS.lr_mode, "msl": FLAGS.msl, "recompute": FLAGS.recompute}

@@ -13,19 +13,25 @@ See benchmarks/common.py for the method and functional_meta/flops.py for what FL
 from absl import app, flags
 
 from benchmarks import common
-from functional_meta import flops, protonet
+from functional_meta import distribute, flops, protonet
 
 FLAGS = flags.FLAGS
 common.define_flags("protonet")
 flags.adopt_module_key_flags(common)
 
 
-def build_step(config, jit_compile):
-    """The compiled ProtoNet train step of ``config``, its state, FLOPs and settings."""
+def build_step(config, jit_compile, strategy=None):
+    """The compiled ProtoNet train step of ``config`` (split over ``strategy``'s replicas when
+    given), its state, FLOPs and settings."""
     init, apply = common.network(config)
     state = protonet.init_state(init(FLAGS.seed))
-    step = protonet.make_train_step(apply, config["n_way"], lr=config["outer_lr"],
-                                    metric=FLAGS.metric, jit_compile=jit_compile)
+    options = dict(n_way=config["n_way"], lr=config["outer_lr"], metric=FLAGS.metric)
+    if strategy is None:
+        step = protonet.make_train_step(apply, jit_compile=jit_compile, **options)
+    else:
+        step = distribute.make_distributed_train_step(
+            strategy, "protonet", apply, meta_batch=config["meta_batch"],
+            jit_compile=jit_compile, **options)
     return step, state, flops.protonet_step(config), {"metric": FLAGS.metric}
 
 

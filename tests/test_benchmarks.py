@@ -235,3 +235,14 @@ def test_protonet_step_flops_match_the_compiled_convolutions():
     images = 2 * 3 * (2 + 1)
     assert compiled_flops(hlo, ops=("convolution",)) == \
         flops.protonet_step(config) + images * flops.network_layers(config)[0]
+
+
+def test_maml_bench_mirrored_strategy_reports_two_replicas():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.maml_bench", "--preset=maml_sinusoid", "--data=sinusoid",
+         "--hidden=8", "--meta_batch=4", "--steps=2", "--strategy=mirrored", "--logical_cpus=2",
+         "--mode=function", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["strategy"] == "mirrored" and record["replicas"] == 2
+    assert record["tasks_per_s"] > 0
