@@ -101,9 +101,9 @@ def _conv3x3(x, kernel, stride):
     return tf.reshape(y, [t, n, out_h, out_w, kernel.shape[-1]])
 
 
-def _per_channel(v):
-    # [C] broadcasts over [T, n, H, W, C]; a per-task [T, C] needs the middle axes.
-    return v if v.shape.rank == 1 else v[:, None, None, None, :]
+def _per_task_row(v):
+    # [C] broadcasts over [T, rows, C]; a per-task [T, C] needs the middle axis.
+    return v if v.shape.rank == 1 else v[:, None, :]
 
 
 def _batch_norm(x, scale, offset):
@@ -119,8 +119,10 @@ def _batch_norm(x, scale, offset):
     average = tf.fill([t, 1, n * h * w], tf.constant(1.0 / (n * h * w), x.dtype))
     centred = rows - tf.matmul(average, rows)
     var = tf.matmul(average, tf.square(centred))
-    y = tf.reshape(centred * tf.math.rsqrt(var + BN_EPSILON), x.shape)
-    return y * _per_channel(scale) + _per_channel(offset)
+    # One multiply and one add over the activations (scale folded into the [T, 1, C] factor):
+    # without XLA, every broadcasting op over them is a full pass through memory.
+    factor = tf.math.rsqrt(var + BN_EPSILON) * _per_task_row(scale)
+    return tf.reshape(centred * factor + _per_task_row(offset), x.shape)
 
 
 def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4):
