@@ -384,14 +384,12 @@ def make_strategy(name, logical_cpus):
     ``logical_cpus > 1`` first splits a GPU-less CPU into that many logical devices."""
     if name == "none":
         return None
-    if logical_cpus > 1 and not tf.config.list_physical_devices("GPU"):
-        tf.config.set_logical_device_configuration(
-            tf.config.list_physical_devices("CPU")[0],
-            [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
     try:
-        return distribute.make_strategy(name)
+        strategy = distribute.make_strategy(name, logical_cpus=logical_cpus)
     except ValueError as error:
         raise app.UsageError(f"--strategy={name}: {error}") from None
+    logging.info("--strategy=%s: %d replicas", name, strategy.num_replicas_in_sync)
+    return strategy
 
 
 def choose_device(requested):

@@ -19,7 +19,7 @@ import time
 import tensorflow as tf
 from absl import app, flags, logging
 
-from benchmarks import run_flags
+from benchmarks import common, run_flags
 from functional_meta import distribute, presets, training
 
 FLAGS = flags.FLAGS
@@ -122,30 +122,14 @@ def _draw(out_dir, config, learner, checkpoints_kept, held_out):
         logging.info("wrote %s", path)
 
 
-def make_strategy():
-    """``None`` for --strategy=none, else the ``tf.distribute`` strategy (created before any other
-    TensorFlow operation, as multi-worker collectives require)."""
-    if FLAGS.strategy == "none":
-        return None
-    if FLAGS.logical_cpus > 1 and not tf.config.list_physical_devices("GPU"):
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.logical_cpus)
-    try:
-        strategy = distribute.make_strategy(FLAGS.strategy)
-    except ValueError as error:
-        raise app.UsageError(f"--strategy={FLAGS.strategy}: {error}") from None
-    logging.info("--strategy=%s: %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
-    return strategy
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     for name in ("algorithm", "out_dir"):           # checked here, not by a flag validator, so
         if not FLAGS[name].value:                   # other binaries can share this process
             raise app.UsageError(f"--{name} is required")
-    strategy = make_strategy()     # first TensorFlow call: multi-worker collectives need that
+    # First TensorFlow call: multi-worker collectives must be configured before any other.
+    strategy = common.make_strategy(FLAGS.strategy, FLAGS.logical_cpus)
     config = config_from_flags()
     if training.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
         raise app.UsageError(f"--out_dir={FLAGS.out_dir} already holds checkpoints: pass --resume "

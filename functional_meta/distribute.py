@@ -49,8 +49,11 @@ STRATEGIES = ("none", "mirrored", "multiworker")
 ALGORITHMS = ("maml", "protonet")
 
 
-def make_strategy(name, devices=None):
+def make_strategy(name, devices=None, logical_cpus=0):
     """The ``tf.distribute.Strategy`` called ``name``, one of ``STRATEGIES``.
+
+    ``logical_cpus > 1`` first splits a GPU-less machine's CPU into that many logical devices (one
+    replica each under ``'mirrored'``); it must come before TensorFlow initialises its devices.
 
     - ``'none'``: TensorFlow's default strategy (one replica on the default device).
     - ``'mirrored'``: ``MirroredStrategy`` over ``devices`` (default: every GPU, or, without GPUs,
@@ -64,6 +67,10 @@ def make_strategy(name, devices=None):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     if devices is not None and name != "mirrored":
         raise ValueError(f"devices only applies to strategy='mirrored', got strategy={name!r}")
+    if logical_cpus > 1 and not tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
     if name == "none":
         return tf.distribute.get_strategy()
     if name == "mirrored":
