@@ -282,7 +282,7 @@ def config_from_flags(family, flag_values=FLAGS):
     if config["net"] == "mlp" and "hidden" not in config:
         raise ValueError(f"--net=mlp needs --hidden (preset {config['name']} has none)")
     try:
-        network(config)
+        presets.network(config)
     except ValueError as e:
         raise ValueError(f"--net/--channels/--pool/--image_shape/--hidden/--n_way: {e}") from None
     source = _value(fv, "data")
@@ -300,15 +300,6 @@ def config_from_flags(family, flag_values=FLAGS):
             raise ValueError(f"--data={source} needs square images: --image_shape=S,S,C, got "
                              f"{','.join(map(str, shape))}")
     return config
-
-
-def network(config):
-    """``(init, apply)`` of a configuration: ``presets.network``, plus ProtoNet MLP embeddings
-    (the last hidden layer, no head)."""
-    if config["family"] == "protonet" and config["net"] == "mlp":
-        shape = tuple(config["image_shape"])
-        return nets.mlp([math.prod(shape), *config["hidden"]], in_shape=shape)
-    return presets.network(config)
 
 
 def synthetic_batch(config, seed):

@@ -14,7 +14,7 @@ See benchmarks/common.py for the method and functional_meta/flops.py for what FL
 from absl import app, flags
 
 from benchmarks import common
-from functional_meta import distribute, flops, maml
+from functional_meta import distribute, flops, maml, presets
 
 FLAGS = flags.FLAGS
 common.define_flags("maml")
@@ -24,7 +24,7 @@ flags.adopt_module_key_flags(common)
 def build_step(config, jit_compile, strategy=None):
     """The compiled MAML train step of ``config`` (split over ``strategy``'s replicas when
     given), its state, FLOPs and settings."""
-    init, apply = common.network(config)
+    init, apply = presets.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
     options = dict(inner_steps=steps, outer_lr=config["outer_lr"], first_order=FLAGS.first_order,

@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from benchmarks import common
-from functional_meta import maml, second_order
+from functional_meta import maml, presets, second_order
 
 FLAGS = flags.FLAGS
 common.define_model_flags("maml")
@@ -59,7 +59,7 @@ def main(argv):
     device = common.choose_device(FLAGS.device)
     config = common.config_from_flags("maml")
     next_batch, _ = common.input_batches(config, FLAGS.data, FLAGS.data_path, FLAGS.seed)
-    init, apply = common.network(config)
+    init, apply = presets.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
     train = maml.make_train_step(

@@ -13,7 +13,7 @@ See benchmarks/common.py for the method and functional_meta/flops.py for what FL
 from absl import app, flags
 
 from benchmarks import common
-from functional_meta import distribute, flops, protonet
+from functional_meta import distribute, flops, presets, protonet
 
 FLAGS = flags.FLAGS
 common.define_flags("protonet")
@@ -23,7 +23,7 @@ flags.adopt_module_key_flags(common)
 def build_step(config, jit_compile, strategy=None):
     """The compiled ProtoNet train step of ``config`` (split over ``strategy``'s replicas when
     given), its state, FLOPs and settings."""
-    init, apply = common.network(config)
+    init, apply = presets.network(config)
     state = protonet.init_state(init(FLAGS.seed))
     options = dict(n_way=config["n_way"], lr=config["outer_lr"], metric=FLAGS.metric)
     if strategy is None:

@@ -5,6 +5,8 @@ and let any flag override a field. Values follow the papers: MAML (Finn et al. 2
 its reference code), Prototypical Networks (Snell et al. 2017, Section 3).
 """
 
+import math
+
 from functional_meta import nets
 
 # Fields: net ('conv4' | 'mlp'), channels, pool, image_shape, hidden (mlp), n_way, k_shot, q_query,
@@ -70,9 +72,8 @@ def network(config, n_way=None):
                           pool=config["pool"])
     if config["net"] == "mlp":
         shape = tuple(config["image_shape"])
-        size = 1
-        for d in shape:
-            size *= d
-        out = 1 if config["loss"] == "mse" else way
-        return nets.mlp([size, *config["hidden"], out], in_shape=shape)
+        if config["family"] == "protonet":      # an embedding: the last hidden layer, no head
+            return nets.mlp([math.prod(shape), *config["hidden"]], in_shape=shape)
+        out = 1 if config.get("loss") == "mse" else way
+        return nets.mlp([math.prod(shape), *config["hidden"], out], in_shape=shape)
     raise ValueError(f"unknown net {config['net']!r}; choose 'conv4' or 'mlp'")

@@ -228,7 +228,7 @@ def test_protonet_step_flops_match_the_compiled_convolutions():
     # layer's input gradient, which XLA prunes later and the analytic count leaves out.
     config = dict(family="protonet", net="conv4", channels=4, pool="max", image_shape=(16, 16, 1),
                   n_way=3, k_shot=2, q_query=1, meta_batch=2)
-    init, apply = common.network(config)
+    init, apply = presets.network(config)
     step = protonet.make_train_step(apply, 3)
     hlo = step.compiled.experimental_get_compiler_ir(protonet.init_state(init(0)),
                                                      _tasks(config))(stage="hlo")
