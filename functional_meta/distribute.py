@@ -166,40 +166,8 @@ def shard_sampler(sampler, strategy):
     return ShardedSampler(sampler, worker_tasks(strategy, sampler.meta_batch))
 
 
-def _maml(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False, loss="cross_entropy",
-          step_weights=None, clip_norm=None, recompute=False):
-    """MAML's step split at the gradient, ``(params, local_loss, update)``, computing what
-    ``maml.make_train_step`` computes."""
-
-    def params(state):
-        inner_lr = state["inner_lr"]
-        learned = tf.nest.flatten(inner_lr) if isinstance(inner_lr, (list, tuple)) else []
-        return list(state["weights"]) + learned
-
-    def local_loss(state, tasks):
-        value, outputs = maml.meta_loss(apply_fn, state["weights"], tasks,
-                                        inner_lr=state["inner_lr"], inner_steps=inner_steps,
-                                        first_order=first_order, loss=loss,
-                                        step_weights=step_weights, recompute=recompute)
-        metrics = {"loss": value}
-        if loss == "cross_entropy":
-            metrics["accuracy"] = _accuracy(outputs, tasks[3], value.dtype)
-        return value, metrics
-
-    def update(state, grads):
-        grads = optim.clip_by_global_norm(grads, clip_norm)
-        new, opt = optim.adam_update(grads, params(state), state["opt"], outer_lr)
-        n = len(state["weights"])
-        inner_lr = state["inner_lr"]
-        if isinstance(inner_lr, (list, tuple)):
-            inner_lr = tf.nest.pack_sequence_as(inner_lr, new[n:])
-        return {"weights": new[:n], "inner_lr": inner_lr, "opt": opt}
-
-    return params, local_loss, update
-
-
 def _protonet(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
-    """ProtoNet's step split at the gradient, as ``_maml`` for ``protonet.make_train_step``."""
+    """ProtoNet's step split at the gradient, as ``maml.train_step_parts``."""
 
     def params(state):
         return list(state["weights"])
@@ -207,7 +175,7 @@ def _protonet(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
     def local_loss(state, episodes):
         value, logits = protonet.loss_and_logits(apply_fn, state["weights"], episodes, n_way,
                                                  metric)
-        return value, {"loss": value, "accuracy": _accuracy(logits, episodes[3], value.dtype)}
+        return value, {"loss": value, "accuracy": maml.accuracy(logits, episodes[3], value.dtype)}
 
     def update(state, grads):
         weights, opt = optim.adam_update(grads, params(state), state["opt"], lr)
@@ -218,7 +186,8 @@ def _protonet(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
 
 def _check_options(algorithm, options):
     """The checks the single-device steps make when traced, made before anything compiles."""
-    parameters = inspect.signature(_maml if algorithm == "maml" else _protonet).parameters
+    split = maml.train_step_parts if algorithm == "maml" else _protonet
+    parameters = inspect.signature(split).parameters
     allowed = [name for name in parameters if name != "apply_fn"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -236,11 +205,6 @@ def _check_options(algorithm, options):
         if options.get("metric", "euclidean") not in protonet.METRICS:
             raise ValueError(f"metric must be one of {protonet.METRICS}, "
                              f"got {options.get('metric')!r}")
-
-
-def _accuracy(logits, labels, dtype):
-    hits = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
-    return tf.reduce_mean(tf.cast(hits, dtype))
 
 
 def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, jit_compile=True,
@@ -270,7 +234,7 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
     per_replica = check_meta_batch(meta_batch, num_replicas)
     worker_share = per_replica * len(local_ids)
     _check_options(algorithm, options)
-    split = _maml if algorithm == "maml" else _protonet
+    split = maml.train_step_parts if algorithm == "maml" else _protonet
     params, local_loss, update = split(apply_fn, **options)
     scale = per_replica / meta_batch
 

@@ -194,43 +194,68 @@ def init_state(weights, inner_lr=0.4, lr_mode="fixed", inner_steps=1):
     return {"weights": list(weights), "inner_lr": lrs, "opt": optim.adam_init(list(weights) + learned)}
 
 
-def make_train_step(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
-                    loss="cross_entropy", step_weights=None, clip_norm=None, recompute=False,
-                    jit_compile=True):
+def train_step_parts(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
+                     loss="cross_entropy", step_weights=None, clip_norm=None, recompute=False):
+    """The meta-training step split at the gradient: ``(params, objective, update)``.
+
+    ``params(state)`` lists what the outer optimiser learns (the weights, then any learned inner
+    rates); ``objective(state, tasks) -> (meta_loss, metrics)``; ``update(state, grads) -> state``
+    clips (optionally) and applies Adam. ``make_train_step`` composes them in one compiled function;
+    ``functional_meta.distribute`` all-reduces the gradient between objective and update.
+    """
+
+    def params(state):
+        inner_lr = state["inner_lr"]
+        learned = tf.nest.flatten(inner_lr) if isinstance(inner_lr, (list, tuple)) else []
+        return list(state["weights"]) + learned
+
+    def objective(state, tasks):
+        value, outputs = meta_loss(apply_fn, state["weights"], tasks, inner_lr=state["inner_lr"],
+                                   inner_steps=inner_steps, first_order=first_order, loss=loss,
+                                   step_weights=step_weights, recompute=recompute)
+        metrics = {"loss": value}
+        if loss == "cross_entropy":
+            metrics["accuracy"] = accuracy(outputs, tasks[3], value.dtype)
+        return value, metrics
+
+    def update(state, grads):
+        grads = optim.clip_by_global_norm(grads, clip_norm)
+        new, opt = optim.adam_update(grads, params(state), state["opt"], outer_lr)
+        n = len(state["weights"])
+        inner_lr = state["inner_lr"]
+        if isinstance(inner_lr, (list, tuple)):
+            inner_lr = tf.nest.pack_sequence_as(inner_lr, new[n:])
+        return {"weights": new[:n], "inner_lr": inner_lr, "opt": opt}
+
+    return params, objective, update
+
+
+def make_train_step(apply_fn, *, jit_compile=True, **options):
     """The whole meta-training step as one compiled function: ``step(state, tasks) -> (state, metrics)``.
 
     Inner loop over the meta-batch, meta-gradient through it (second order unless ``first_order``),
     optional gradient clipping and the Adam update, in one ``tf.function(jit_compile=...)``.
-    ``metrics`` holds the meta-loss and, for classification, the post-adaptation query accuracy.
+    ``options`` are those of ``train_step_parts`` (``inner_steps``, ``outer_lr``, ``first_order``,
+    ``loss``, ``step_weights``, ``clip_norm``, ``recompute``). ``metrics`` holds the meta-loss and,
+    for classification, the post-adaptation query accuracy.
     """
-    loss_name = loss
+    params, objective, update = train_step_parts(apply_fn, **options)
 
     @tf.function(jit_compile=jit_compile)
     def step(state, tasks):
-        weights, inner_lr = state["weights"], state["inner_lr"]
-        learned = tf.nest.flatten(inner_lr) if isinstance(inner_lr, (list, tuple)) else []
-        params = list(weights) + learned
+        learned = params(state)
         with tf.GradientTape() as tape:
-            tape.watch(params)
-            value, outputs = meta_loss(apply_fn, weights, tasks, inner_lr=inner_lr,
-                                       inner_steps=inner_steps, first_order=first_order,
-                                       loss=loss_name, step_weights=step_weights,
-                                       recompute=recompute)
-        grads = optim.clip_by_global_norm(tape.gradient(value, params), clip_norm)
-        params, opt = optim.adam_update(grads, params, state["opt"], outer_lr)
-        n = len(weights)
-        new_lr = tf.nest.pack_sequence_as(inner_lr, params[n:]) if learned else inner_lr
-        metrics = {"loss": value}
-        if loss_name == "cross_entropy":
-            metrics["accuracy"] = _accuracy(outputs, tasks[3])
-        return {"weights": params[:n], "inner_lr": new_lr, "opt": opt}, metrics
+            tape.watch(learned)
+            value, metrics = objective(state, tasks)
+        return update(state, tape.gradient(value, learned)), metrics
 
     return step
 
 
-def _accuracy(logits, labels):
+def accuracy(logits, labels, dtype=tf.float32):
+    """Mean argmax accuracy over all of ``labels`` (any shape), as a ``dtype`` scalar."""
     hits = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
-    return tf.reduce_mean(tf.cast(hits, tf.float32))
+    return tf.reduce_mean(tf.cast(hits, dtype))
 
 
 def make_eval_step(apply_fn, *, inner_steps, loss="cross_entropy", jit_compile=True):
