@@ -22,7 +22,26 @@ def _check_seed(seed):
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-class EpisodeSampler:
+class _IndexedSampler:
+    """Batch ``i`` is ``self.batch(i)``, a pure function of ``(seed, i)``; the state is the seed and
+    the index of the next batch."""
+
+    def sample(self):
+        """The next batch; advances the state by one."""
+        self._next += 1
+        return self.batch(self._next - 1)
+
+    def get_state(self):
+        """JSON-able state: the seed and the index of the next batch."""
+        return {'seed': self.seed, 'next_batch': self._next}
+
+    def set_state(self, state):
+        if int(state['seed']) != self.seed:
+            raise ValueError(f"state has seed={state['seed']} but the sampler has seed={self.seed}")
+        self._next = int(state['next_batch'])
+
+
+class EpisodeSampler(_IndexedSampler):
     """Meta-batches of ``n_way``-way ``k_shot``-shot classification episodes from a ``ClassData``.
 
     Per episode: ``n_way`` distinct classes with labels 0..n_way-1 assigned at random; from each
@@ -79,20 +98,6 @@ class EpisodeSampler:
         return (self._images[support_idx].astype(np.float32) / 255.0, support_y,
                 self._images[query_idx].astype(np.float32) / 255.0, query_y)
 
-    def sample(self):
-        """The next batch; advances the state by one."""
-        self._next += 1
-        return self.batch(self._next - 1)
-
-    def get_state(self):
-        """JSON-able state: the seed and the index of the next batch."""
-        return {'seed': self.seed, 'next_batch': self._next}
-
-    def set_state(self, state):
-        if int(state['seed']) != self.seed:
-            raise ValueError(f"state has seed={state['seed']} but the sampler has seed={self.seed}")
-        self._next = int(state['next_batch'])
-
     def signature(self):
         """``tf.TensorSpec``s of a batch, all dimensions static."""
         b, n = self.meta_batch, self.n_way
@@ -133,14 +138,29 @@ def sinusoid_batch(meta_batch, k_support, k_query, seed, index):
                                          np.random.default_rng([seed, int(index)]))[:4])
 
 
+class SinusoidSampler(_IndexedSampler):
+    """The sinusoid regression tasks with ``EpisodeSampler``'s interface, so ``dataset`` and the
+    training loop treat both alike: batches ``support_x [B, K, 1], support_y, query_x [B, Q, 1],
+    query_y`` (float32)."""
+
+    def __init__(self, meta_batch, k_support, k_query, seed=0):
+        _check_positive(meta_batch=meta_batch, k_support=k_support, k_query=k_query)
+        _check_seed(seed)
+        self.meta_batch, self.k_support, self.k_query = meta_batch, k_support, k_query
+        self.seed = int(seed)
+        self._next = 0
+
+    def batch(self, index):
+        return sinusoid_batch(self.meta_batch, self.k_support, self.k_query, self.seed, index)
+
+    def signature(self):
+        return tuple(tf.TensorSpec((self.meta_batch, k, 1), tf.float32)
+                     for k in (self.k_support, self.k_support, self.k_query, self.k_query))
+
+
 def sinusoid_dataset(meta_batch, k_support, k_query, seed=0, start_batch=0, num_batches=None,
                      prefetch=2):
-    """``tf.data.Dataset`` of sinusoid regression batches ``support_x [B, K, 1], support_y,
-    query_x [B, Q, 1], query_y`` (float32, static shapes); resume with ``start_batch`` as in
-    ``dataset``."""
-    _check_positive(meta_batch=meta_batch, k_support=k_support, k_query=k_query)
-    _check_seed(seed)
-    signature = tuple(tf.TensorSpec((meta_batch, k, 1), tf.float32)
-                      for k in (k_support, k_support, k_query, k_query))
-    return _indexed_dataset(lambda i: sinusoid_batch(meta_batch, k_support, k_query, seed, i),
-                            signature, int(start_batch), num_batches, prefetch)
+    """``tf.data.Dataset`` of ``SinusoidSampler`` batches (static shapes); resume with
+    ``start_batch`` as in ``dataset``."""
+    return dataset(SinusoidSampler(meta_batch, k_support, k_query, seed), start_batch,
+                   num_batches, prefetch)

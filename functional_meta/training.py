@@ -276,37 +276,11 @@ def check_split(split, name, n_way, k_shot, q_query):
                          f"has only {smallest} images")
 
 
-class SinusoidSampler:
-    """The sinusoid regression tasks with ``EpisodeSampler``'s interface (``batch``, ``signature``,
-    ``get_state``/``set_state``), so ``episodes.dataset`` and ``train`` treat both alike."""
-
-    def __init__(self, meta_batch, k_support, k_query, seed=0):
-        self.meta_batch, self.k_support, self.k_query = meta_batch, k_support, k_query
-        self.seed = int(seed)
-        self._next = 0
-
-    def batch(self, index):
-        return episodes.sinusoid_batch(self.meta_batch, self.k_support, self.k_query, self.seed,
-                                       index)
-
-    def signature(self):
-        return tuple(tf.TensorSpec((self.meta_batch, k, 1), tf.float32)
-                     for k in (self.k_support, self.k_support, self.k_query, self.k_query))
-
-    def get_state(self):
-        return {"seed": self.seed, "next_batch": self._next}
-
-    def set_state(self, state):
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"state has seed={state['seed']} but the sampler has seed={self.seed}")
-        self._next = int(state["next_batch"])
-
-
 def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed):
     """``EpisodeSampler`` over ``classes`` (a ``ClassData``), or ``SinusoidSampler`` when
     ``classes`` is ``None``; ``n_way`` is ignored for sinusoids."""
     if classes is None:
-        return SinusoidSampler(meta_batch, k_shot, q_query, seed)
+        return episodes.SinusoidSampler(meta_batch, k_shot, q_query, seed)
     return episodes.EpisodeSampler(classes, n_way, k_shot, q_query, meta_batch=meta_batch, seed=seed)
 
 

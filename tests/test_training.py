@@ -19,7 +19,7 @@ from absl.testing import flagsaver
 
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
-from functional_meta import data, metrics, plots, training
+from functional_meta import data, episodes, metrics, plots, training
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
@@ -191,7 +191,7 @@ def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-class _NaNAt(training.SinusoidSampler):
+class _NaNAt(episodes.SinusoidSampler):
     """Sinusoid batches whose batch ``bad`` has a NaN target."""
 
     def __init__(self, bad, *args, **kwargs):
