@@ -532,7 +532,8 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
         "benchmark": family, "preset": fv.preset,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "algorithm": algorithm, "mode": mode, "device": device, "device_name": device_name(device),
-        "tf_version": tf.__version__, "data": fv.data, "input": input_kind,
+        "tf_version": tf.__version__, "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
+        "data": fv.data, "input": input_kind,
         "strategy": fv.strategy, "replicas": strategy.num_replicas_in_sync if strategy else 1,
         "steps": fv.steps, "warmup": fv.warmup, **timing,
         **({"input_wait_s": None, "stalled_steps": 0} if fv.data == "synthetic" else {}),
@@ -566,7 +567,8 @@ def format_report(r):
     wait = r["input_wait_s"]
     rows = [
         ("benchmark", f"{r['benchmark']}  preset={r['preset']}  mode={r['mode']}"),
-        ("device", f"{r['device']}: {r['device_name']}  (TensorFlow {r['tf_version']})"),
+        ("device", f"{r['device']}: {r['device_name']}  (TensorFlow {r['tf_version']}, "
+                   f"TF_ENABLE_ONEDNN_OPTS={r['onednn']})"),
         ("network", f"{net}, input {shape}"),
         ("episodes", f"{c['n_way']}-way {c['k_shot']}-shot {c['q_query']}-query, "
                      f"meta-batch {c['meta_batch']}"),
@@ -575,7 +577,8 @@ def format_report(r):
         ("step time", f"median {s['median'] * ms:.2f} ms  min {s['min'] * ms:.2f}  "
                       f"max {s['max'] * ms:.2f}  IQR {s['iqr'] * ms:.2f} ms  "
                       f"({r['steps']} steps after {r['warmup']} warm-up)"),
-        ("throughput", f"{r['tasks_per_s']:.1f} tasks/s"),
+        ("throughput", f"{r['tasks_per_s']:.2f} "
+                       f"{'episodes' if r['benchmark'] == 'protonet' else 'tasks'}/s"),
         ("FLOPs/step", f"{_si(r['flops_per_step'], 'FLOP')} (analytic, functional_meta.flops)"),
         ("achieved", f"{_si(r['achieved_flops_per_s'], 'FLOP/s')} = "
                      f"{100 * r['achieved_flops_per_s'] / r['matmul_flops_per_s']:.1f}% of "

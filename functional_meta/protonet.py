@@ -13,11 +13,10 @@ embedded in one call of ``apply``, so batch normalisation uses the statistics of
 Typical use::
 
     init, apply = nets.conv4(None, channels=64, in_shape=(28, 28, 1), pool="max")
-    weights = init(0)
-    opt_state = optim.adam_init(weights)
+    state = protonet.init_state(init(0))
     step = protonet.make_train_step(apply, n_way=20)
-    weights, opt_state, loss, acc = step(weights, opt_state, episodes)
-    mean_acc, ci95 = protonet.evaluate(apply, weights, sample_fn, 600, n_way=5)
+    state, metrics = step(state, episodes)             # metrics: loss, accuracy
+    mean_acc, ci95 = protonet.evaluate(apply, state["weights"], sample_fn, 600, n_way=5)
 """
 
 import numpy as np

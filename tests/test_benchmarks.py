@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def check_timing(record, algorithm_flops):
     assert record["peak_memory_kind"] == "process_peak_rss"
     assert record["peak_memory_bytes"] > 50 * 2 ** 20       # TensorFlow alone is bigger
     assert record["device"] == "cpu" and record["tf_version"] == tf.__version__
+    # The binaries switch oneDNN on unless the caller chose (benchmarks/__init__.py).
+    assert record["onednn"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
     assert math.isfinite(record["loss"])
 
 
