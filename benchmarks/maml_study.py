@@ -37,7 +37,7 @@ def make_study(apply_fn, config):
     """A compiled function of (state, tasks) giving the split and the curvature."""
     kwargs = dict(inner_steps=config["inner_steps"], loss=config["loss"])
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def study(state, tasks):
         weights = state["weights"]
         out = second_order.split(apply_fn, weights, tasks, inner_lr=state["inner_lr"], **kwargs)

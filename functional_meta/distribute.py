@@ -238,7 +238,7 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
     params, local_loss, update = split(apply_fn, **options)
     scale = per_replica / meta_batch
 
-    @tf.function(jit_compile=jit_compile)
+    @tf.function(jit_compile=jit_compile, autograph=False)
     def local_gradients(state, tasks):
         variables = params(state)
         with tf.GradientTape() as tape:
@@ -249,7 +249,7 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grads, {name: v * scale for name, v in metrics.items()}
 
-    compiled_update = tf.function(update, jit_compile=jit_compile)
+    compiled_update = tf.function(update, jit_compile=jit_compile, autograph=False)
 
     def replica_gradients(state, tasks):
         grads, metrics = local_gradients(state, tasks)
@@ -264,11 +264,11 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
         return [tf.nest.map_structure(lambda v, i=i: strategy.experimental_local_results(v)[i],
                                       values) for i in range(len(local_ids))]
 
-    @tf.function
+    @tf.function(autograph=False)
     def run_steps(state, tasks):
         return local_results(strategy.run(replica_step, args=(state, tasks)))
 
-    @tf.function
+    @tf.function(autograph=False)
     def run_gradients(state, tasks):
         return local_results(strategy.run(replica_gradients, args=(state, tasks)))
 

@@ -202,7 +202,7 @@ def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=Tr
     n_way = _check_n_way(n_way)
     _check_metric(metric)
 
-    @tf.function(jit_compile=jit_compile)
+    @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(state, episodes):
         weights = state["weights"]
         with tf.GradientTape() as tape:
@@ -242,7 +242,7 @@ def make_eval_step(apply_fn, n_way, metric="euclidean", jit_compile=True):
     n_way = _check_n_way(n_way)
     _check_metric(metric)
 
-    @tf.function(jit_compile=jit_compile)
+    @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(weights, episodes):
         support_x, support_y, query_x, query_y = episodes
         out = logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric)

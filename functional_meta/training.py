@@ -339,7 +339,7 @@ def _pretrain_step(apply, outer_lr, jit_compile):
     """The MAML paper's sinusoid baseline: one network regressed on all points of all tasks at
     once (the mixture of tasks), with Adam; the inner rate is kept for test-time fine-tuning."""
 
-    @tf.function(jit_compile=jit_compile)
+    @tf.function(jit_compile=jit_compile, autograph=False)
     def step(state, tasks):
         support_x, support_y, query_x, query_y = tasks
         x = tf.concat([support_x, query_x], axis=1)
