@@ -284,6 +284,24 @@ def test_killed_run_leaves_a_readable_checkpoint(tmp_path):
     assert result.step == older['step'] + 2 and len(result.losses) == 2
 
 
+def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = {f'x_{s}': rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+              for s, n in (('train', 60), ('test', 20))}
+    arrays.update(y_train=np.arange(60) % 10, y_test=np.arange(20) % 10)
+    np.savez(tmp_path / 'mnist.npz', **arrays)
+    monkeypatch.chdir(tmp_path)
+    flags_ = ['--algorithm=maml', '--data=mnist', '--hidden=8', '--n_way=3', '--k_shot=1',
+              '--q_query=1', '--meta_batch=2', '--nojit', '--val_every=0', '--log_every=1',
+              '--checkpoint_every=1', f'--out_dir={tmp_path / "run"}']
+    run_binary(train_bin, flags_ + ['--data_path=mnist.npz', '--steps=1'])
+    config, _ = training.load_config(tmp_path / 'run')
+    assert config['data_path'] == str(tmp_path / 'mnist.npz')      # stored absolute
+    run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/./mnist.npz', '--steps=2', '--resume'])
+    steps = [r['step'] for r in plots.read_history(tmp_path / 'run' / training.HISTORY_FILE)[0]]
+    assert steps == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Flag errors before any work
 
