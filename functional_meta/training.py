@@ -609,9 +609,17 @@ def _trim_history(path, last_step):
     _atomic_write(path, "".join(line + "\n" for line in kept))
 
 
+def _same_paths(a, b):
+    """Two ``data_path`` values name the same files (relative ones from the working directory)."""
+    def norm(value):
+        return value and [os.path.abspath(p) for p in value.split(",")]
+    return norm(a) == norm(b)
+
+
 def _check_same_config(stored, config):
     differ = sorted(k for k in set(stored) | set(config)
-                    if k not in RUN_FIELDS and stored.get(k) != config.get(k))
+                    if k not in RUN_FIELDS and stored.get(k) != config.get(k)
+                    and not (k == "data_path" and _same_paths(stored.get(k), config.get(k))))
     if differ:
         changes = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in differ)
         raise ValueError(f"cannot resume: the run was started with a different config ({changes})")

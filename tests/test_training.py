@@ -298,8 +298,12 @@ def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeyp
     config, _ = training.load_config(tmp_path / 'run')
     assert config['data_path'] == str(tmp_path / 'mnist.npz')      # stored absolute
     run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/./mnist.npz', '--steps=2', '--resume'])
+    # A run whose config.json holds a relative path (as fm-train stored it before) resumes too.
+    stored = tmp_path / 'run' / training.CONFIG_FILE
+    stored.write_text(json.dumps(dict(json.loads(stored.read_text()), data_path='mnist.npz')))
+    run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/mnist.npz', '--steps=3', '--resume'])
     steps = [r['step'] for r in plots.read_history(tmp_path / 'run' / training.HISTORY_FILE)[0]]
-    assert steps == [1, 2]
+    assert steps == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------------------------------
