@@ -101,8 +101,11 @@ def logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric="eucl
     embedded = apply_fn(weights, tf.concat([support_x, query_x], axis=1))
     if embedded.shape.rank != 3:
         raise ValueError(f"apply_fn must return embeddings [B, n, D], got shape {embedded.shape}")
-    protos = prototypes(embedded[:, :n_support], support_y, n_way)
-    return -distances(embedded[:, n_support:], protos, metric)
+    # Named scopes, so a profile shows these ops (and their gradients) apart from the network's.
+    with tf.name_scope("prototypes"):
+        protos = prototypes(embedded[:, :n_support], support_y, n_way)
+    with tf.name_scope("distances"):
+        return -distances(embedded[:, n_support:], protos, metric)
 
 
 def loss_and_logits(apply_fn, weights, episodes, n_way, metric="euclidean"):
