@@ -157,6 +157,23 @@ def define_maml_flags(flag_values=FLAGS):
                       flag_values=fv)
     flags.DEFINE_bool("recompute", False, "Recompute the inner steps' activations in the "
                       "backward pass instead of storing them.", flag_values=fv)
+    flags.DEFINE_integer("task_groups", 1, "Build the meta-batch as this many equal groups of "
+                         "tasks side by side in one graph (same result). XLA on a multi-core CPU "
+                         "runs them concurrently: faster steps, longer compile. Must divide the "
+                         "meta-batch (per replica with --strategy).", lower_bound=1, flag_values=fv)
+
+
+def maml_options(config, replicas=1, flag_values=FLAGS):
+    """The options of ``maml.make_train_step`` that ``define_maml_flags``' flags ask for, checked
+    against ``config`` (a ``UsageError`` naming the flag, before anything compiles)."""
+    fv, steps = flag_values, config["inner_steps"]
+    per_replica = config["meta_batch"] // replicas
+    if per_replica % fv.task_groups:
+        raise app.UsageError(f"--task_groups={fv.task_groups} must divide the meta-batch "
+                             f"({per_replica} tasks per replica)")
+    return dict(inner_steps=steps, outer_lr=config["outer_lr"], first_order=fv.first_order,
+                loss=config["loss"], recompute=fv.recompute, task_groups=fv.task_groups,
+                step_weights=[1.0 / steps] * steps if fv.msl else None)
 
 
 def define_protonet_flags(flag_values=FLAGS):

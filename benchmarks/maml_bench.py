@@ -27,9 +27,7 @@ def build_step(config, jit_compile, strategy=None):
     init, apply = presets.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
-    options = dict(inner_steps=steps, outer_lr=config["outer_lr"], first_order=FLAGS.first_order,
-                   loss=config["loss"], recompute=FLAGS.recompute,
-                   step_weights=[1.0 / steps] * steps if FLAGS.msl else None)
+    options = common.maml_options(config, strategy.num_replicas_in_sync if strategy else 1)
     if strategy is None:
         step = maml.make_train_step(apply, jit_compile=jit_compile, **options)
     else:
@@ -38,7 +36,8 @@ def build_step(config, jit_compile, strategy=None):
             **options)
     step_flops = flops.maml_step(config, first_order=FLAGS.first_order, multi_step_loss=FLAGS.msl)
     algorithm = {"inner_steps": steps, "order": "first" if FLAGS.first_order else "second",
-                 "lr_mode": FLAGS.lr_mode, "msl": FLAGS.msl, "recompute": FLAGS.recompute}
+                 "lr_mode": FLAGS.lr_mode, "msl": FLAGS.msl, "recompute": FLAGS.recompute,
+                 "task_groups": FLAGS.task_groups}
     return step, state, step_flops, algorithm
 
 

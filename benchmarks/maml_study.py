@@ -62,10 +62,7 @@ def main(argv):
     init, apply = presets.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
-    train = maml.make_train_step(
-        apply, inner_steps=steps, outer_lr=config["outer_lr"], first_order=FLAGS.first_order,
-        loss=config["loss"], step_weights=[1.0 / steps] * steps if FLAGS.msl else None,
-        recompute=FLAGS.recompute)
+    train = maml.make_train_step(apply, **common.maml_options(config))
     study = make_study(apply, config)
     logging.info("studying %s on %s (%s)", config["name"], FLAGS.data, device)
     for step in range(1, FLAGS.train_steps + 1):

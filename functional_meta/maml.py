@@ -195,14 +195,24 @@ def init_state(weights, inner_lr=0.4, lr_mode="fixed", inner_steps=1):
 
 
 def train_step_parts(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
-                     loss="cross_entropy", step_weights=None, clip_norm=None, recompute=False):
+                     loss="cross_entropy", step_weights=None, clip_norm=None, recompute=False,
+                     task_groups=1):
     """The meta-training step split at the gradient: ``(params, objective, update)``.
 
     ``params(state)`` lists what the outer optimiser learns (the weights, then any learned inner
     rates); ``objective(state, tasks) -> (meta_loss, metrics)``; ``update(state, grads) -> state``
     clips (optionally) and applies Adam. ``make_train_step`` composes them in one compiled function;
     ``functional_meta.distribute`` all-reduces the gradient between objective and update.
+
+    ``task_groups``: the meta-batch is split into this many equal groups whose meta-losses are
+    built side by side in the same graph and averaged (the same value and gradient). XLA on CPU can
+    run independent parts of a graph concurrently, so on several cores two groups were often faster
+    than one batch (config A on two cores, three of four paired runs 17-25% faster, one 4% slower;
+    README), but the graph, and the compile time, grows with the groups (13.5 -> 23-24 s for two).
+    It must divide the meta-batch.
     """
+    if isinstance(task_groups, bool) or not isinstance(task_groups, int) or task_groups < 1:
+        raise ValueError(f"task_groups must be a positive int, got {task_groups!r}")
 
     def params(state):
         inner_lr = state["inner_lr"]
@@ -210,9 +220,17 @@ def train_step_parts(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
         return list(state["weights"]) + learned
 
     def objective(state, tasks):
-        value, outputs = meta_loss(apply_fn, state["weights"], tasks, inner_lr=state["inner_lr"],
-                                   inner_steps=inner_steps, first_order=first_order, loss=loss,
-                                   step_weights=step_weights, recompute=recompute)
+        size = tasks[0].shape[0]
+        if size % task_groups:
+            raise ValueError(f"task_groups={task_groups} must divide the meta-batch ({size} tasks)")
+        part = size // task_groups
+        values, outputs = zip(*[
+            meta_loss(apply_fn, state["weights"], tuple(t[g * part:(g + 1) * part] for t in tasks),
+                      inner_lr=state["inner_lr"], inner_steps=inner_steps, first_order=first_order,
+                      loss=loss, step_weights=step_weights, recompute=recompute)
+            for g in range(task_groups)])
+        value = tf.add_n(values) / task_groups
+        outputs = tf.concat(outputs, axis=0)
         metrics = {"loss": value}
         if loss == "cross_entropy":
             metrics["accuracy"] = accuracy(outputs, tasks[3], value.dtype)
@@ -236,8 +254,8 @@ def make_train_step(apply_fn, *, jit_compile=True, **options):
     Inner loop over the meta-batch, meta-gradient through it (second order unless ``first_order``),
     optional gradient clipping and the Adam update, in one ``tf.function(jit_compile=...)``.
     ``options`` are those of ``train_step_parts`` (``inner_steps``, ``outer_lr``, ``first_order``,
-    ``loss``, ``step_weights``, ``clip_norm``, ``recompute``). ``metrics`` holds the meta-loss and,
-    for classification, the post-adaptation query accuracy.
+    ``loss``, ``step_weights``, ``clip_norm``, ``recompute``, ``task_groups``). ``metrics`` holds
+    the meta-loss and, for classification, the post-adaptation query accuracy.
 
     AutoGraph is off (here and in every compiled step of the library): nothing in the step branches
     on a tensor's value, and converting the library's Python doubled the trace time (config A: 4.6

@@ -297,13 +297,19 @@ class Learner(NamedTuple):
     apply: Callable
 
 
-def make_learner(config, jit_compile=None, strategy=None):
+def make_learner(config, jit_compile=None, strategy=None, task_groups=1):
     """The ``Learner`` of ``config['algorithm']`` (``jit_compile=None``: ``default_jit``).
 
     With a ``tf.distribute`` ``strategy`` the step splits each meta-batch over its replicas
-    (``functional_meta.distribute``); the result equals the single-device step.
+    (``functional_meta.distribute``); the result equals the single-device step. ``task_groups``
+    (MAML-style algorithms): see ``maml.train_step_parts``; a speed setting, not part of the config.
     """
     check_config(config)
+    if task_groups != 1:
+        per_replica = config["meta_batch"] // (strategy.num_replicas_in_sync if strategy else 1)
+        if config["algorithm"] in ("protonet", "pretrain") or per_replica % task_groups:
+            raise ValueError(f"task_groups={task_groups} needs a MAML-style algorithm and must "
+                             f"divide the meta-batch ({per_replica} tasks per replica)")
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
     init, apply = presets.network(config)
@@ -325,7 +331,7 @@ def make_learner(config, jit_compile=None, strategy=None):
         return Learner(config, init_state, _pretrain_step(apply, config["outer_lr"], jit_compile),
                        apply)
     options = dict(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
-                   first_order=config["first_order"], loss=config["loss"])
+                   first_order=config["first_order"], loss=config["loss"], task_groups=task_groups)
     if strategy is not None:
         step = distribute.make_distributed_train_step(
             strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,

@@ -177,6 +177,25 @@ def test_train_step_compiles_once_and_learns():
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
 
 
+def test_task_groups_give_the_same_step():
+    init, apply = NETS["mlp"]()
+    tasks = image_tasks(np.random.default_rng(4), t=4)
+    state = maml.init_state(init(0, F64), inner_lr=0.3)
+    results = []
+    for groups in (1, 2, 4):
+        step = maml.make_train_step(apply, inner_steps=2, outer_lr=1e-2, task_groups=groups,
+                                    jit_compile=False)
+        results.append(step(state, tasks))
+    for new, metrics in results[1:]:
+        np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-12)
+        assert float(metrics["accuracy"]) == float(results[0][1]["accuracy"])
+        for a, b in zip(new["weights"], results[0][0]["weights"]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert not np.allclose(results[0][0]["weights"][0], state["weights"][0])   # it did update
+    with pytest.raises(ValueError, match="task_groups=3 must divide the meta-batch"):
+        maml.make_train_step(apply, inner_steps=1, task_groups=3, jit_compile=False)(state, tasks)
+
+
 @pytest.mark.parametrize("mode", ["metasgd", "lslr"])
 def test_learned_inner_learning_rates_receive_gradients(mode):
     init, apply = small_classifier()

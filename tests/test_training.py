@@ -330,6 +330,10 @@ def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
     (['--algorithm=metasgd', '--lr_mode=lslr'], 'lr_mode'),
     (['--algorithm=maml', '--data=synthetic', '--train_groups=class0001,class0002',
       '--test_groups=class0002'], 'share'),
+    (['--algorithm=maml', '--data=synthetic', '--meta_batch=4', '--task_groups=3'],
+     '--task_groups.*task_groups=3 .*divide the meta-batch'),
+    (['--algorithm=protonet', '--data=synthetic', '--n_way=5', '--task_groups=2'],
+     'task_groups=2 needs a MAML'),
 ])
 def test_bad_flag_combinations_fail_before_training(argv, names, tmp_path):
     with pytest.raises(app.UsageError, match=names):
