@@ -43,10 +43,11 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from functional_meta import maml, optim, protonet
+from functional_meta import maml, protonet
 
 STRATEGIES = ("none", "mirrored", "multiworker")
 ALGORITHMS = ("maml", "protonet")
+_PARTS = {"maml": maml.train_step_parts, "protonet": protonet.train_step_parts}
 
 
 def make_strategy(name, devices=None, logical_cpus=0):
@@ -166,45 +167,14 @@ def shard_sampler(sampler, strategy):
     return ShardedSampler(sampler, worker_tasks(strategy, sampler.meta_batch))
 
 
-def _protonet(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
-    """ProtoNet's step split at the gradient, as ``maml.train_step_parts``."""
-
-    def params(state):
-        return list(state["weights"])
-
-    def local_loss(state, episodes):
-        value, logits = protonet.loss_and_logits(apply_fn, state["weights"], episodes, n_way,
-                                                 metric)
-        return value, {"loss": value, "accuracy": maml.accuracy(logits, episodes[3], value.dtype)}
-
-    def update(state, grads):
-        weights, opt = optim.adam_update(grads, params(state), state["opt"], lr)
-        return {"weights": weights, "opt": opt}
-
-    return params, local_loss, update
-
-
 def _check_options(algorithm, options):
-    """The checks the single-device steps make when traced, made before anything compiles."""
-    split = maml.train_step_parts if algorithm == "maml" else _protonet
-    parameters = inspect.signature(split).parameters
+    """Unknown options name the allowed ones; the step parts check the values themselves."""
+    parameters = inspect.signature(_PARTS[algorithm]).parameters
     allowed = [name for name in parameters if name != "apply_fn"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for algorithm={algorithm!r}; "
                          f"the options are {allowed}")
-    if algorithm == "maml":
-        steps = options.get("inner_steps")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"inner_steps must be a positive integer, got {steps!r}")
-        maml.loss_function(options.get("loss", "cross_entropy"))
-    else:
-        n_way = options.get("n_way")
-        if isinstance(n_way, bool) or not isinstance(n_way, (int, np.integer)) or n_way < 1:
-            raise ValueError(f"n_way must be a positive integer, got {n_way!r}")
-        if options.get("metric", "euclidean") not in protonet.METRICS:
-            raise ValueError(f"metric must be one of {protonet.METRICS}, "
-                             f"got {options.get('metric')!r}")
 
 
 def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, jit_compile=True,
@@ -234,8 +204,7 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
     per_replica = check_meta_batch(meta_batch, num_replicas)
     worker_share = per_replica * len(local_ids)
     _check_options(algorithm, options)
-    split = maml.train_step_parts if algorithm == "maml" else _protonet
-    params, local_loss, update = split(apply_fn, **options)
+    params, local_loss, update = _PARTS[algorithm](apply_fn, **options)
     scale = per_replica / meta_batch
 
     @tf.function(jit_compile=jit_compile, autograph=False)

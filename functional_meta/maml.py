@@ -15,6 +15,7 @@ Inner learning rates (``inner_lr``) come in three forms sharing one code path:
   2019). Adapting for more steps than the list holds reuses its last entry.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from functional_meta import optim
@@ -211,6 +212,10 @@ def train_step_parts(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
     README), but the graph, and the compile time, grows with the groups (13.5 -> 23-24 s for two).
     It must divide the meta-batch.
     """
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer)) \
+            or inner_steps < 1:
+        raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+    loss_function(loss)
     if isinstance(task_groups, bool) or not isinstance(task_groups, int) or task_groups < 1:
         raise ValueError(f"task_groups must be a positive int, got {task_groups!r}")
 

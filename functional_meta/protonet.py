@@ -189,6 +189,28 @@ def init_state(weights):
     return {"weights": weights, "opt": optim.adam_init(weights)}
 
 
+def train_step_parts(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
+    """The training step split at the gradient, ``(params, objective, update)``, as
+    ``maml.train_step_parts``: ``make_train_step`` composes them in one compiled function and
+    ``functional_meta.distribute`` all-reduces the gradient between objective and update."""
+    n_way = _check_n_way(n_way)
+    _check_metric(metric)
+
+    def params(state):
+        return list(state["weights"])
+
+    def objective(state, episodes):
+        loss, out = loss_and_logits(apply_fn, state["weights"], episodes, n_way, metric)
+        accuracy = tf.reduce_mean(_correct(out, episodes[3], loss.dtype))
+        return loss, {"loss": loss, "accuracy": accuracy}
+
+    def update(state, grads):
+        weights, opt_state = optim.adam_update(grads, params(state), state["opt"], lr)
+        return {"weights": weights, "opt": opt_state}
+
+    return params, objective, update
+
+
 def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=True):
     """Returns ``step(state, episodes) -> (state, metrics)``, the same contract as MAML's step.
 
@@ -202,19 +224,17 @@ def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=Tr
     ``validate_episode`` yourself to check later batches. ``step.compiled`` is the
     ``tf.function`` and ``step.tracing_count()`` how many times it has traced.
     """
-    n_way = _check_n_way(n_way)
-    _check_metric(metric)
+    params, objective, update = train_step_parts(apply_fn, n_way=n_way, lr=lr, metric=metric)
+    n_way = int(n_way)                                   # checked by train_step_parts
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(state, episodes):
-        weights = state["weights"]
+        weights = params(state)
         with tf.GradientTape() as tape:
             tape.watch(weights)
-            loss, out = loss_and_logits(apply_fn, weights, episodes, n_way, metric)
+            loss, metrics = objective(state, episodes)
         grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        weights, opt_state = optim.adam_update(grads, weights, state["opt"], lr)
-        accuracy = tf.reduce_mean(_correct(out, episodes[3], loss.dtype))
-        return {"weights": weights, "opt": opt_state}, {"loss": loss, "accuracy": accuracy}
+        return update(state, grads), metrics
 
     checked = []
 
