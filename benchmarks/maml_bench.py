@@ -28,12 +28,8 @@ def build_step(config, jit_compile, strategy=None):
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
     options = common.maml_options(config, strategy.num_replicas_in_sync if strategy else 1)
-    if strategy is None:
-        step = maml.make_train_step(apply, jit_compile=jit_compile, **options)
-    else:
-        step = distribute.make_distributed_train_step(
-            strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
-            **options)
+    step = distribute.make_train_step(strategy, "maml", apply, meta_batch=config["meta_batch"],
+                                      jit_compile=jit_compile, **options)
     step_flops = flops.maml_step(config, first_order=FLAGS.first_order, multi_step_loss=FLAGS.msl)
     algorithm = {"inner_steps": steps, "order": "first" if FLAGS.first_order else "second",
                  "lr_mode": FLAGS.lr_mode, "msl": FLAGS.msl, "recompute": FLAGS.recompute,

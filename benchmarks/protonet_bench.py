@@ -26,12 +26,8 @@ def build_step(config, jit_compile, strategy=None):
     init, apply = presets.network(config)
     state = protonet.init_state(init(FLAGS.seed))
     options = dict(n_way=config["n_way"], lr=config["outer_lr"], metric=FLAGS.metric)
-    if strategy is None:
-        step = protonet.make_train_step(apply, jit_compile=jit_compile, **options)
-    else:
-        step = distribute.make_distributed_train_step(
-            strategy, "protonet", apply, meta_batch=config["meta_batch"],
-            jit_compile=jit_compile, **options)
+    step = distribute.make_train_step(strategy, "protonet", apply, meta_batch=config["meta_batch"],
+                                      jit_compile=jit_compile, **options)
     return step, state, flops.protonet_step(config), {"metric": FLAGS.metric}
 
 

@@ -177,6 +177,29 @@ def _check_options(algorithm, options):
                          f"the options are {allowed}")
 
 
+def _check_task_groups(tasks, options):
+    groups = options.get("task_groups", 1)
+    if isinstance(groups, int) and groups > 0 and tasks % groups:
+        raise ValueError(f"task_groups={groups} must divide the meta-batch ({tasks} tasks per "
+                         "replica)")
+
+
+def make_train_step(strategy, algorithm, apply_fn, *, meta_batch, jit_compile=True, **options):
+    """The training step of ``algorithm`` on ``meta_batch`` tasks per step: the single-device step
+    (``maml.make_train_step`` or ``protonet.make_train_step``) for ``strategy=None``, otherwise
+    ``make_distributed_train_step``. Either way the options and the meta-batch are checked here,
+    before anything compiles."""
+    if strategy is not None:
+        return make_distributed_train_step(strategy, algorithm, apply_fn, meta_batch=meta_batch,
+                                           jit_compile=jit_compile, **options)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    _check_options(algorithm, options)
+    _check_task_groups(meta_batch, options)
+    single = maml.make_train_step if algorithm == "maml" else protonet.make_train_step
+    return single(apply_fn, jit_compile=jit_compile, **options)
+
+
 def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, jit_compile=True,
                                 **options):
     """``step(state, tasks) -> (state, metrics)``: training on ``meta_batch`` tasks per step, split
@@ -204,6 +227,7 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
     per_replica = check_meta_batch(meta_batch, num_replicas)
     worker_share = per_replica * len(local_ids)
     _check_options(algorithm, options)
+    _check_task_groups(per_replica, options)
     params, local_loss, update = _PARTS[algorithm](apply_fn, **options)
     scale = per_replica / meta_batch
 

@@ -305,22 +305,17 @@ def make_learner(config, jit_compile=None, strategy=None, task_groups=1):
     (MAML-style algorithms): see ``maml.train_step_parts``; a speed setting, not part of the config.
     """
     check_config(config)
-    if task_groups != 1:
-        per_replica = config["meta_batch"] // (strategy.num_replicas_in_sync if strategy else 1)
-        if config["algorithm"] in ("protonet", "pretrain") or per_replica % task_groups:
-            raise ValueError(f"task_groups={task_groups} needs a MAML-style algorithm and must "
-                             f"divide the meta-batch ({per_replica} tasks per replica)")
+    if task_groups != 1 and config["algorithm"] in ("protonet", "pretrain"):
+        raise ValueError(f"task_groups={task_groups} needs a MAML-style algorithm")
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
     init, apply = presets.network(config)
     if strategy is not None and config["algorithm"] == "pretrain":
         raise ValueError("the pretrain baseline runs on one device only (no --strategy)")
     if config["algorithm"] == "protonet":
-        options = dict(n_way=config["n_way"], lr=config["outer_lr"], metric=config["metric"])
-        step = (distribute.make_distributed_train_step(
-                    strategy, "protonet", apply, meta_batch=config["meta_batch"],
-                    jit_compile=jit_compile, **options) if strategy is not None else
-                protonet.make_train_step(apply, jit_compile=jit_compile, **options))
+        step = distribute.make_train_step(
+            strategy, "protonet", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
+            n_way=config["n_way"], lr=config["outer_lr"], metric=config["metric"])
         return Learner(config, lambda seed: protonet.init_state(init(seed)), step, apply)
 
     def init_state(seed):
@@ -330,14 +325,10 @@ def make_learner(config, jit_compile=None, strategy=None, task_groups=1):
     if config["algorithm"] == "pretrain":
         return Learner(config, init_state, _pretrain_step(apply, config["outer_lr"], jit_compile),
                        apply)
-    options = dict(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
-                   first_order=config["first_order"], loss=config["loss"], task_groups=task_groups)
-    if strategy is not None:
-        step = distribute.make_distributed_train_step(
-            strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
-            **options)
-    else:
-        step = maml.make_train_step(apply, jit_compile=jit_compile, **options)
+    step = distribute.make_train_step(
+        strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
+        inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
+        first_order=config["first_order"], loss=config["loss"], task_groups=task_groups)
     return Learner(config, init_state, step, apply)
 
 
