@@ -208,8 +208,9 @@ def train_step_parts(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
     ``task_groups``: the meta-batch is split into this many equal groups whose meta-losses are
     built side by side in the same graph and averaged (the same value and gradient). XLA on CPU can
     run independent parts of a graph concurrently, so on several cores two groups were often faster
-    than one batch (config A on two cores, three of four paired runs gave 17-25% more tasks/s, one 4% fewer;
-    README), but the graph, and the compile time, grows with the groups (13.5 -> 23-24 s for two).
+    than one batch (config A on two cores: three of four paired runs gave 17-25% more tasks/s, one
+    4% fewer; README), but the graph, and the compile time, grows with the groups (13.5 -> 23-24 s
+    for two).
     It must divide the meta-batch.
     """
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer)) \
