@@ -44,6 +44,17 @@ flags.DEFINE_integer("test_n_way", None, "Ways of the validation episodes (Proto
                      lower_bound=1)
 flags.DEFINE_float("inner_lr", None, "MAML inner learning rate (initial value when learned).")
 flags.DEFINE_float("outer_lr", None, "Adam learning rate of the meta-update.")
+flags.DEFINE_integer("lr_decay_every", 0, "Multiply the meta-update's Adam rate (--outer_lr) by "
+                     "--lr_decay every this many steps, counted by the optimiser inside the "
+                     "compiled step (so --resume continues the schedule); 0 = constant rate. The "
+                     "ProtoNet paper halves it every 2000 episodes: --lr_decay_every=2000.",
+                     lower_bound=0)
+flags.DEFINE_float("lr_decay", 0.5, "Factor in (0, 1] applied to the rate every --lr_decay_every "
+                   "steps.", lower_bound=0, upper_bound=1)
+flags.DEFINE_integer("augment_shift", 0, "Image data: move every image of the training episodes "
+                     "by its own random offset of up to this many pixels per axis (zero fill); "
+                     "validation and test episodes are never shifted. 0 = no augmentation.",
+                     lower_bound=0)
 flags.DEFINE_integer("channels", None, "conv4 filters per block.", lower_bound=1)
 flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
 flags.DEFINE_list("hidden", None, "MLP hidden layer widths, e.g. 40,40.")
@@ -92,7 +103,9 @@ def config_from_flags():
                      pool=FLAGS.pool, hidden=hidden)
     try:
         config = training.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
-                                      lr_mode=FLAGS.lr_mode, metric=FLAGS.metric, **overrides)
+                                      lr_mode=FLAGS.lr_mode, metric=FLAGS.metric,
+                                      lr_decay_every=FLAGS.lr_decay_every, lr_decay=FLAGS.lr_decay,
+                                      augment_shift=FLAGS.augment_shift, **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
@@ -172,7 +185,7 @@ def main(argv):
         raise app.UsageError(f"bad flags (--strategy/--meta_batch/--task_groups): {error}") from None
     sampler = training.make_sampler(train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
                                     q_query=config["q_query"], meta_batch=config["meta_batch"],
-                                    seed=FLAGS.seed)
+                                    seed=FLAGS.seed, augment_shift=config["augment_shift"])
     validate = None
     if FLAGS.val_every:
         val_sampler = training.make_sampler(val_classes, n_way=val_n_way, k_shot=config["k_shot"],

@@ -49,11 +49,20 @@ class EpisodeSampler(_IndexedSampler):
     for the query set (so no image is in both); each set shuffled. ``sample()`` returns numpy
     ``(support_x [B, N*K, H, W, C] float32 in [0, 1], support_y [B, N*K] int32,
     query_x [B, N*Q, H, W, C] float32, query_y [B, N*Q] int32)``.
+
+    ``augment_shift`` (training samplers only; default 0, none): every image of a batch is moved
+    by its own random whole-pixel offset of at most this many pixels along each axis, uncovered
+    pixels filled with 0 (the background of inverted Omniglot). The offsets come from the batch's
+    generator after its episodes are drawn, so the episodes are the same with or without it and
+    batch ``i`` stays a pure function of ``(seed, i)``.
     """
 
-    def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0):
+    def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0, augment_shift=0):
         _check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
         _check_seed(seed)
+        if isinstance(augment_shift, bool) or not isinstance(augment_shift, (int, np.integer)) \
+                or augment_shift < 0:
+            raise ValueError(f"augment_shift must be a non-negative integer, got {augment_shift!r}")
         if n_way > len(data):
             raise ValueError(f"n_way={n_way} but the data has {len(data)} classes")
         sizes = np.array([len(x) for x in data.images])
@@ -68,6 +77,10 @@ class EpisodeSampler(_IndexedSampler):
         self.n_way, self.k_shot, self.q_query, self.meta_batch = n_way, k_shot, q_query, meta_batch
         self.seed = int(seed)
         self.image_shape = shapes.pop()
+        if augment_shift >= min(self.image_shape[:2]):
+            raise ValueError(f"augment_shift={augment_shift} must be smaller than the images "
+                             f"({self.image_shape[0]}x{self.image_shape[1]})")
+        self.augment_shift = int(augment_shift)
         self._images = np.concatenate(data.images)          # all images, class after class
         self._sizes = sizes
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -85,18 +98,25 @@ class EpisodeSampler(_IndexedSampler):
         return (picks[:, :k].ravel()[support], labels[:, :k].ravel()[support],
                 picks[:, k:].ravel()[query], labels[:, k:].ravel()[query])
 
-    def batch_indices(self, index):
-        """Image indices and labels of batch ``index``: ``(support_idx, support_y, query_idx,
-        query_y)``, each ``[B, ...]``; a pure function of ``(seed, index)``."""
-        rng = np.random.default_rng([self.seed, int(index)])
+    def _indices(self, rng):
         episodes = [self._episode(rng) for _ in range(self.meta_batch)]
         return tuple(np.stack(column) for column in zip(*episodes))
 
+    def batch_indices(self, index):
+        """Image indices and labels of batch ``index``: ``(support_idx, support_y, query_idx,
+        query_y)``, each ``[B, ...]``; a pure function of ``(seed, index)``."""
+        return self._indices(np.random.default_rng([self.seed, int(index)]))
+
     def batch(self, index):
         """Batch number ``index`` as float images and int32 labels; does not change the state."""
-        support_idx, support_y, query_idx, query_y = self.batch_indices(index)
-        return (self._images[support_idx].astype(np.float32) / 255.0, support_y,
-                self._images[query_idx].astype(np.float32) / 255.0, query_y)
+        rng = np.random.default_rng([self.seed, int(index)])
+        support_idx, support_y, query_idx, query_y = self._indices(rng)
+        support_x, query_x = self._images[support_idx], self._images[query_idx]
+        if self.augment_shift:
+            support_x = shift_images(support_x, self.augment_shift, rng)
+            query_x = shift_images(query_x, self.augment_shift, rng)
+        return (support_x.astype(np.float32) / 255.0, support_y,
+                query_x.astype(np.float32) / 255.0, query_y)
 
     def signature(self):
         """``tf.TensorSpec``s of a batch, all dimensions static."""
@@ -105,6 +125,22 @@ class EpisodeSampler(_IndexedSampler):
                 tf.TensorSpec((b, n * self.k_shot), tf.int32),
                 tf.TensorSpec((b, n * self.q_query) + self.image_shape, tf.float32),
                 tf.TensorSpec((b, n * self.q_query), tf.int32))
+
+
+def shift_images(images, max_shift, rng):
+    """``images [..., H, W, C]``, each moved by its own offset ``(dy, dx)`` drawn uniformly from
+    ``-max_shift..max_shift`` with ``rng``; pixels shifted in from outside are 0. Same dtype and
+    shape. Content moved past an edge is lost, so keep ``max_shift`` within the images' margins."""
+    shape = images.shape
+    h, w = shape[-3], shape[-2]
+    flat = images.reshape((-1,) + shape[-3:])
+    n = flat.shape[0]
+    dy, dx = rng.integers(-max_shift, max_shift + 1, size=(2, n))
+    s = max_shift
+    padded = np.pad(flat, ((0, 0), (s, s), (s, s), (0, 0)))
+    rows = (np.arange(h)[None, :] + s - dy[:, None])[:, :, None]      # [n, H, 1]
+    cols = (np.arange(w)[None, :] + s - dx[:, None])[:, None, :]      # [n, 1, W]
+    return padded[np.arange(n)[:, None, None], rows, cols].reshape(shape)
 
 
 def _indexed_dataset(batch_fn, signature, start_batch, num_batches, prefetch):

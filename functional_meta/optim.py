@@ -2,6 +2,9 @@
 
 ``state = adam_init(weights)``; ``weights, state = adam_update(grads, weights, state, lr)``. The
 state is ``(step, m_list, v_list)``: plain tensors that a checkpoint or a ``tf.Variable`` can hold.
+``lr`` is a number or a schedule ``lr(step)`` of the update's 1-based step count, e.g.
+``step_decay(1e-3, 2000, 0.5)``: the rate is computed inside the compiled step from the count the
+state already holds, so a schedule needs no retrace and a restored state continues it exactly.
 """
 
 import tensorflow as tf
@@ -20,11 +23,31 @@ def clip_by_global_norm(grads, max_norm):
     return clipped
 
 
+def step_decay(lr, every, factor):
+    """The schedule ``lr * factor ** ((step - 1) // every)``: updates ``1..every`` use ``lr``, the
+    next ``every`` updates ``lr * factor``, and so on (ProtoNet's Adam 1e-3 halved every 2000
+    episodes is ``step_decay(1e-3, 2000, 0.5)``). ``step`` is an integer tensor, the count after
+    the update, as ``adam_update`` passes it."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ValueError(f"factor must be in (0, 1], got {factor!r}")
+
+    def schedule(step):
+        decays = (tf.cast(step, tf.int64) - 1) // every
+        return lr * tf.pow(tf.constant(factor, tf.float64), tf.cast(decays, tf.float64))
+
+    return schedule
+
+
 def adam_update(grads, weights, state, lr, beta1=0.9, beta2=0.999, epsilon=1e-8):
-    """One Adam step (Kingma & Ba, Algorithm 1, bias-corrected); returns (weights, state)."""
+    """One Adam step (Kingma & Ba, Algorithm 1, bias-corrected); returns (weights, state).
+    ``lr``: a number, or a schedule called with the new step count (see ``step_decay``)."""
     step, m, v = state
     step = step + 1
     t = tf.cast(step, weights[0].dtype)
+    if callable(lr):
+        lr = tf.cast(lr(step), weights[0].dtype)
     scale = lr * tf.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
     m = [beta1 * mi + (1.0 - beta1) * g for mi, g in zip(m, grads)]
     v = [beta2 * vi + (1.0 - beta2) * tf.square(g) for vi, g in zip(v, grads)]

@@ -47,6 +47,9 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
 # Fields that may change when a run is resumed (everything else must match the stored config).
 RUN_FIELDS = ("steps",)
+# Config fields added after runs were first stored, with the value that earlier runs had: a
+# config.json without them resumes as if it held these.
+LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0}
 # Episodes per evaluation batch (validation and test); the last batch is cut to the count asked.
 EVAL_BATCH = 25
 
@@ -81,9 +84,16 @@ def _check_positive_float(config, *names):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean", **overrides):
+def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
+                lr_decay_every=0, lr_decay=0.5, augment_shift=0, **overrides):
     """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
-    ``first_order``, ``metric``, ``data``. ``None`` overrides keep the preset's value.
+    ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
+    ``None`` overrides keep the preset's value.
+
+    ``lr_decay_every`` (0: constant rate) and ``lr_decay``: the meta-optimiser's rate ``outer_lr``
+    is multiplied by ``lr_decay`` every ``lr_decay_every`` steps (``optim.step_decay``; ProtoNet's
+    paper halves it every 2000 episodes). ``augment_shift``: training episodes' images move by up
+    to this many pixels (``episodes.EpisodeSampler``); validation and test episodes never do.
 
     ``algorithm``: ``maml`` (second order), ``fomaml``, ``metasgd`` (learned per-weight inner rates),
     ``protonet``, or ``pretrain`` (the sinusoid baseline: one network regressed on the mixture of
@@ -119,7 +129,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     if metric not in protonet.METRICS:
         raise ValueError(f"metric must be one of {list(protonet.METRICS)}, got {metric!r}")
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
-                  first_order=algorithm == "fomaml")
+                  first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
+                  lr_decay=lr_decay, augment_shift=augment_shift)
     if data is not None:
         config["data"] = data
     check_config(config)
@@ -142,6 +153,20 @@ def check_config(config):
         raise ValueError("algorithm='protonet' classifies; it cannot train on sinusoid regression")
     _check_positive_int(config, "n_way", "k_shot", "q_query", "meta_batch")
     _check_positive_float(config, "outer_lr")
+    for name in ("lr_decay_every", "augment_shift"):
+        value = config.get(name, LATER_DEFAULTS[name])
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    decay = config.get("lr_decay", LATER_DEFAULTS["lr_decay"])
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        raise ValueError(f"lr_decay must be in (0, 1] (the factor applied every lr_decay_every "
+                         f"steps), got {decay!r}")
+    shift, shape = config.get("augment_shift", 0), tuple(config.get("image_shape", ()))
+    if shift and (regression or len(shape) != 3):
+        raise ValueError(f"augment_shift={shift} shifts images; data={config['data']!r} has none")
+    if shift and shift >= min(shape[:2]):
+        raise ValueError(f"augment_shift={shift} must be smaller than the images "
+                         f"({shape[0]}x{shape[1]})")
     if config["family"] == "maml":
         _check_positive_int(config, "inner_steps", "test_inner_steps")
         _check_positive_float(config, "inner_lr")
@@ -276,12 +301,16 @@ def check_split(split, name, n_way, k_shot, q_query):
                          f"has only {smallest} images")
 
 
-def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed):
+def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_shift=0):
     """``EpisodeSampler`` over ``classes`` (a ``ClassData``), or ``SinusoidSampler`` when
-    ``classes`` is ``None``; ``n_way`` is ignored for sinusoids."""
+    ``classes`` is ``None``; ``n_way`` is ignored for sinusoids. ``augment_shift`` is for the
+    training sampler only (a config's ``augment_shift``); evaluation samplers keep the default 0."""
     if classes is None:
+        if augment_shift:
+            raise ValueError("augment_shift shifts images; sinusoid tasks have none")
         return episodes.SinusoidSampler(meta_batch, k_shot, q_query, seed)
-    return episodes.EpisodeSampler(classes, n_way, k_shot, q_query, meta_batch=meta_batch, seed=seed)
+    return episodes.EpisodeSampler(classes, n_way, k_shot, q_query, meta_batch=meta_batch,
+                                   seed=seed, augment_shift=augment_shift)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,12 +339,13 @@ def make_learner(config, jit_compile=None, strategy=None, task_groups=1):
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
     init, apply = presets.network(config)
+    outer_lr = outer_rate(config)
     if strategy is not None and config["algorithm"] == "pretrain":
         raise ValueError("the pretrain baseline runs on one device only (no --strategy)")
     if config["algorithm"] == "protonet":
         step = distribute.make_train_step(
             strategy, "protonet", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
-            n_way=config["n_way"], lr=config["outer_lr"], metric=config["metric"])
+            n_way=config["n_way"], lr=outer_lr, metric=config["metric"])
         return Learner(config, lambda seed: protonet.init_state(init(seed)), step, apply)
 
     def init_state(seed):
@@ -323,13 +353,23 @@ def make_learner(config, jit_compile=None, strategy=None, task_groups=1):
                                config["inner_steps"])
 
     if config["algorithm"] == "pretrain":
-        return Learner(config, init_state, _pretrain_step(apply, config["outer_lr"], jit_compile),
-                       apply)
+        return Learner(config, init_state, _pretrain_step(apply, outer_lr, jit_compile), apply)
     step = distribute.make_train_step(
         strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
-        inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
+        inner_steps=config["inner_steps"], outer_lr=outer_lr,
         first_order=config["first_order"], loss=config["loss"], task_groups=task_groups)
     return Learner(config, init_state, step, apply)
+
+
+def outer_rate(config):
+    """The meta-optimiser's rate: ``outer_lr``, or with ``lr_decay_every`` > 0 the schedule
+    ``optim.step_decay(outer_lr, lr_decay_every, lr_decay)``, evaluated inside the compiled step
+    from the Adam step count of the state."""
+    every = config.get("lr_decay_every", LATER_DEFAULTS["lr_decay_every"])
+    if not every:
+        return config["outer_lr"]
+    return optim.step_decay(config["outer_lr"], int(every),
+                            float(config.get("lr_decay", LATER_DEFAULTS["lr_decay"])))
 
 
 def _pretrain_step(apply, outer_lr, jit_compile):
@@ -614,11 +654,13 @@ def _same_paths(a, b):
 
 
 def _check_same_config(stored, config):
+    def get(values, k):
+        return values.get(k, LATER_DEFAULTS.get(k))
     differ = sorted(k for k in set(stored) | set(config)
-                    if k not in RUN_FIELDS and stored.get(k) != config.get(k)
+                    if k not in RUN_FIELDS and get(stored, k) != get(config, k)
                     and not (k == "data_path" and _same_paths(stored.get(k), config.get(k))))
     if differ:
-        changes = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in differ)
+        changes = ", ".join(f"{k}: {get(stored, k)!r} -> {get(config, k)!r}" for k in differ)
         raise ValueError(f"cannot resume: the run was started with a different config ({changes})")
 
 

@@ -138,3 +138,92 @@ def test_sinusoid_dataset():
     assert np.abs(batches[0][1]).max() <= 5.0 and np.abs(batches[0][0]).max() <= 5.0
     with pytest.raises(ValueError, match='k_query'):
         episodes.sinusoid_dataset(4, 5, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-time augmentation: random shifts
+
+
+def test_shift_images_moves_each_image_by_its_drawn_offset_with_zero_fill():
+    images = np.zeros((6, 9, 9, 1), np.uint8)
+    images[:, 4, 4, 0] = 200                                   # one bright pixel in the middle
+    images[:, 3, 5, 0] = 100                                   # and a second one beside it
+    out = episodes.shift_images(images, 2, np.random.default_rng(11))
+    dy, dx = np.random.default_rng(11).integers(-2, 3, size=(2, 6))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    for n in range(6):
+        expected = np.zeros((9, 9, 1), np.uint8)
+        expected[4 + dy[n], 4 + dx[n], 0] = 200
+        expected[3 + dy[n], 5 + dx[n], 0] = 100
+        np.testing.assert_array_equal(out[n], expected)
+    assert (dy != 0).any() and (dx != 0).any()
+    # Uncovered pixels are zero, not wrapped around: a full image keeps |dy| rows and |dx|
+    # columns empty.
+    full = np.full((40, 7, 7, 1), 255, np.uint8)
+    shifted = episodes.shift_images(full, 3, np.random.default_rng(2))
+    dy, dx = np.abs(np.random.default_rng(2).integers(-3, 4, size=(2, 40)))
+    np.testing.assert_array_equal((shifted == 0).sum(axis=(1, 2, 3)), 7 * dy + 7 * dx - dy * dx)
+
+
+def _centred(num_classes=6, per_class=4, size=10, margin=2, seed=0):
+    """Random images whose content keeps ``margin`` empty pixels on every side."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(num_classes):
+        x = np.zeros((per_class, size, size, 1), np.uint8)
+        x[:, margin:size - margin, margin:size - margin] = rng.integers(
+            1, 256, (per_class, size - 2 * margin, size - 2 * margin, 1))
+        images.append(x)
+    names = [f'c{c}' for c in range(num_classes)]
+    return data.ClassData(images, names, names)
+
+
+def test_augmented_batches_are_shifted_copies_of_the_same_episodes():
+    d = _centred()
+    plain = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=4, seed=5)
+    assert plain.augment_shift == 0                             # off by default
+    shifted = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=4, seed=5, augment_shift=2)
+    moved = 0
+    for index in (0, 7):
+        a, b = plain.batch(index), shifted.batch(index)
+        assert [x.shape for x in a] == [x.shape for x in b]
+        assert [x.dtype for x in a] == [x.dtype for x in b]
+        np.testing.assert_array_equal(a[1], b[1])               # same episodes, same labels
+        np.testing.assert_array_equal(a[3], b[3])
+        for x, y in ((a[0], b[0]), (a[2], b[2])):
+            for original, augmented in zip(x.reshape((-1,) + x.shape[2:]),
+                                           y.reshape((-1,) + y.shape[2:])):
+                offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                           if np.array_equal(np.roll(original, (dy, dx), axis=(0, 1)), augmented)]
+                assert offsets, "an augmented image is not a shift of its original"
+                moved += offsets != [(0, 0)]
+    assert moved > 10                                           # most images really move
+
+
+def test_augmented_batches_are_a_pure_function_of_seed_and_index():
+    d = _centred()
+    a = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=2, seed=5, augment_shift=1)
+    b = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=2, seed=5, augment_shift=1)
+    other = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=2, seed=6, augment_shift=1)
+    for x, y in zip(a.batch(3), b.batch(3)):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.batch(3)[0], other.batch(3)[0])
+    assert not np.array_equal(a.batch(3)[0], a.batch(4)[0])
+    # A pipeline started at batch 2 (a resume) gives the batches of an uninterrupted one.
+    whole = [tuple(t.numpy() for t in batch) for batch in episodes.dataset(a, num_batches=4)]
+    resumed = [tuple(t.numpy() for t in batch)
+               for batch in episodes.dataset(b, start_batch=2, num_batches=2)]
+    for batch, again in zip(whole[2:], resumed):
+        for x, y in zip(batch, again):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('shift, match', [
+    (-1, 'augment_shift must be a non-negative integer'),
+    (1.5, 'augment_shift must be a non-negative integer'),
+    (True, 'augment_shift must be a non-negative integer'),
+    (10, r'augment_shift=10 must be smaller than the images \(10x10\)'),
+])
+def test_bad_augment_shift(shift, match):
+    with pytest.raises(ValueError, match=match):
+        episodes.EpisodeSampler(_centred(), 3, 1, 1, augment_shift=shift)

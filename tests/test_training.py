@@ -148,19 +148,24 @@ def test_protonet_learns_held_out_omniglot_alphabets(omniglot_paths, tmp_path, c
 # Resume, crashes, non-finite losses
 
 
-def _tiny_maml(tmp_path):
+def _tiny_maml(tmp_path, **options):
     config = training.make_config('maml', data='synthetic', channels=4, image_shape=[8, 8, 1],
-                                  n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1)
+                                  n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1,
+                                  **options)
     classes = data.synthetic(8, 5, (8, 8, 1), seed=3)
     learner = training.make_learner(config, jit_compile=False)
 
     def sampler():
-        return training.make_sampler(classes, n_way=3, k_shot=1, q_query=2, meta_batch=2, seed=5)
+        return training.make_sampler(classes, n_way=3, k_shot=1, q_query=2, meta_batch=2, seed=5,
+                                     augment_shift=config['augment_shift'])
     return learner, sampler
 
 
-def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path):
-    learner, sampler = _tiny_maml(tmp_path)
+# The second case resumes at step 3 right after the outer rate has halved (updates 3 and 4 use
+# half the rate, 5 and 6 a quarter) and with shifted training images.
+@pytest.mark.parametrize('options', [{}, dict(lr_decay_every=2, lr_decay=0.5, augment_shift=1)])
+def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options):
+    learner, sampler = _tiny_maml(tmp_path, **options)
     # Determinism is process-wide and TF has no public switch back: restore it with the private
     # one so later tests run as before.
     from tensorflow.python.framework import config as tf_config
@@ -189,6 +194,27 @@ def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     steps = [r['step'] for r in plots.read_history(tmp_path / 'b' / training.HISTORY_FILE)[0]]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_lr_schedule_reaches_the_compiled_step(tmp_path):
+    """With the rate cut a hundredfold after every step, the second update moves the weights
+    about a hundred times less than the first (Adam's first steps move each weight by about the
+    rate); without the schedule both are alike."""
+    def moves(**options):
+        learner, sampler = _tiny_maml(tmp_path, **options)
+        state = learner.init(0)
+        batches = [sampler().batch(i) for i in range(2)]
+        sizes = []
+        for batch in batches:
+            new, _ = learner.step(state, batch)
+            sizes.append(max(float(tf.reduce_max(tf.abs(a - b)))
+                             for a, b in zip(new['weights'], state['weights'])))
+            state = new
+        return sizes
+    first, second = moves(lr_decay_every=1, lr_decay=0.01)
+    assert second < 0.03 * first
+    first, second = moves()
+    assert second > 0.3 * first
 
 
 class _NaNAt(episodes.SinusoidSampler):
@@ -300,10 +326,40 @@ def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeyp
     run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/./mnist.npz', '--steps=2', '--resume'])
     # A run whose config.json holds a relative path (as fm-train stored it before) resumes too.
     stored = tmp_path / 'run' / training.CONFIG_FILE
-    stored.write_text(json.dumps(dict(json.loads(stored.read_text()), data_path='mnist.npz')))
+    # It also lacks the fields added since (lr schedule, augmentation): they read as their
+    # defaults, so the run resumes; asking for another value is a config change.
+    old = json.loads(stored.read_text())
+    for name in ('lr_decay_every', 'lr_decay', 'augment_shift'):
+        del old[name]
+    stored.write_text(json.dumps(dict(old, data_path='mnist.npz')))
     run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/mnist.npz', '--steps=3', '--resume'])
     steps = [r['step'] for r in plots.read_history(tmp_path / 'run' / training.HISTORY_FILE)[0]]
     assert steps == [1, 2, 3]
+    with pytest.raises(SystemExit, match=r'cannot resume.*lr_decay_every: 0 -> 100'):
+        run_binary(train_bin, flags_ + ['--data_path=mnist.npz', '--steps=4', '--resume',
+                                        '--lr_decay_every=100'])
+
+
+def test_augmentation_only_for_the_training_sampler(tmp_path, monkeypatch):
+    """fm-train shifts the training episodes only (validation uses plain ones), stores the
+    setting in config.json, and fm-eval of that run samples plain episodes."""
+    calls = []
+    make_sampler = training.make_sampler
+
+    def recording(classes, **kwargs):
+        calls.append(kwargs.get('augment_shift', 0))
+        return make_sampler(classes, **kwargs)
+    monkeypatch.setattr(training, 'make_sampler', recording)
+    out = tmp_path / 'run'
+    run_binary(train_bin, ['--algorithm=protonet', '--data=synthetic', '--channels=4',
+                           '--n_way=3', '--k_shot=1', '--q_query=1', '--augment_shift=2',
+                           '--steps=2', '--val_every=2', '--val_episodes=2', '--nojit',
+                           f'--out_dir={out}'])
+    assert calls == [2, 0]                                  # training, then validation
+    assert training.load_config(out)[0]['augment_shift'] == 2
+    calls.clear()
+    run_binary(eval_bin, [f'--checkpoint={out}', '--num_episodes=2', '--q_query=1', '--nojit'])
+    assert calls == [0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +370,9 @@ def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeyp
     (['--algorithm=reptile'], '--algorithm'),
     (['--algorithm=protonet', '--data=omniglot', '--data_path=/no/such/folder'], '--data_path'),
     (['--algorithm=maml', '--split=0.9,0.9,0.1'], '--split'),
+    (['--algorithm=protonet', '--lr_decay_every=-1'], '--lr_decay_every'),
+    (['--algorithm=protonet', '--lr_decay=1.5'], '--lr_decay'),
+    (['--algorithm=protonet', '--augment_shift=-2'], '--augment_shift'),
 ])
 def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
     with pytest.raises(flags.Error, match=names):
@@ -334,6 +393,12 @@ def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
      '--task_groups.*task_groups=3 .*divide the meta-batch'),
     (['--algorithm=protonet', '--data=synthetic', '--n_way=5', '--task_groups=2'],
      'task_groups=2 needs a MAML'),
+    (['--algorithm=protonet', '--data=synthetic', '--lr_decay_every=100', '--lr_decay=0'],
+     r'lr_decay must be in \(0, 1\]'),
+    (['--algorithm=maml', '--data=sinusoid', '--augment_shift=1'],
+     "augment_shift=1 shifts images; data='sinusoid' has none"),
+    (['--algorithm=protonet', '--data=synthetic', '--augment_shift=28'],
+     r'augment_shift=28 must be smaller than the images \(28x28\)'),
 ])
 def test_bad_flag_combinations_fail_before_training(argv, names, tmp_path):
     with pytest.raises(app.UsageError, match=names):

@@ -1,0 +1,69 @@
+"""The functional Adam and its learning-rate schedule, against a hand computation."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from functional_meta import optim
+
+
+def _numpy_adam(grads, w, rates, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam (Kingma & Ba, Algorithm 1) in float64, one rate per step."""
+    m = v = np.zeros_like(w)
+    out = []
+    for t, (g, lr) in enumerate(zip(grads, rates), start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        w = w - lr * (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_adam_with_step_decay_equals_the_hand_computation(jit):
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(3, 2))
+    grads = [rng.normal(size=(3, 2)) for _ in range(7)]
+    # lr 0.1 for updates 1-2, 0.05 for 3-4, 0.025 for 5-6, 0.0125 for 7.
+    rates = [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
+    expected = _numpy_adam(grads, w0, rates)
+    constant = _numpy_adam(grads, w0, [0.1] * 7)
+    schedule = optim.step_decay(0.1, 2, 0.5)
+
+    @tf.function(jit_compile=jit, autograph=False)
+    def update(g, weights, state):
+        return optim.adam_update([g], weights, state, schedule)
+
+    weights = [tf.constant(w0, tf.float32)]
+    state = optim.adam_init(weights)
+    for t, g in enumerate(grads):
+        weights, state = update(tf.constant(g, tf.float32), weights, state)
+        np.testing.assert_allclose(weights[0].numpy(), expected[t], rtol=1e-5, atol=1e-6)
+        assert int(state[0]) == t + 1
+    assert not np.allclose(expected[-1], constant[-1], atol=1e-3)   # the decay matters here
+    assert update.experimental_get_tracing_count() == 1             # the rate needs no retrace
+
+
+def test_step_decay_values_and_a_restored_count_continues_the_schedule():
+    schedule = optim.step_decay(1e-3, 2000, 0.5)
+    values = [float(schedule(tf.constant(s, tf.int64))) for s in (1, 2000, 2001, 4000, 4001, 8001)]
+    np.testing.assert_allclose(values, [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 6.25e-5])
+    # The rate depends on the state's step count only, so a state restored at step 2000 takes
+    # the same next update as the uninterrupted one.
+    w = [tf.constant([1.0, -2.0])]
+    g = [tf.constant([0.3, 0.1])]
+    state = (tf.constant(2000, tf.int64), [tf.constant([0.01, 0.02])], [tf.constant([1e-3, 4e-3])])
+    a, _ = optim.adam_update(g, w, state, schedule)
+    b, _ = optim.adam_update(g, w, state, 5e-4)
+    np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), rtol=1e-7)
+
+
+@pytest.mark.parametrize('every, factor, match', [
+    (0, 0.5, 'every must be a positive integer'),
+    (2.0, 0.5, 'every must be a positive integer'),
+    (10, 0.0, r'factor must be in \(0, 1\]'),
+    (10, 1.5, r'factor must be in \(0, 1\]'),
+])
+def test_step_decay_rejects_bad_arguments(every, factor, match):
+    with pytest.raises(ValueError, match=match):
+        optim.step_decay(1e-3, every, factor)
