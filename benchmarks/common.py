@@ -43,7 +43,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from functional_meta import data as data_lib
-from functional_meta import distribute, episodes, nets, presets
+from functional_meta import distribute, episodes, nets, presets, training
 
 FLAGS = flags.FLAGS
 
@@ -157,10 +157,13 @@ def define_maml_flags(flag_values=FLAGS):
                       flag_values=fv)
     flags.DEFINE_bool("recompute", False, "Recompute the inner steps' activations in the "
                       "backward pass instead of storing them.", flag_values=fv)
-    flags.DEFINE_integer("task_groups", 1, "Build the meta-batch as this many equal groups of "
-                         "tasks side by side in one graph (same result). XLA on a multi-core CPU "
-                         "runs them concurrently: faster steps, longer compile. Must divide the "
-                         "meta-batch (per replica with --strategy).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("task_chunk", None, "Compute the meta-gradient for this many tasks at a "
+                         "time, in a loop inside the compiled step that sums them (same result, "
+                         "less memory). Must divide the meta-batch (per replica with --strategy). "
+                         "Default: for conv4 on a CPU, chunks of at most 80 Omniglot-sized images "
+                         "(their activations stay in the caches; config A: 8 tasks), otherwise "
+                         "the whole meta-batch at once.", lower_bound=1,
+                         flag_values=fv)
 
 
 def maml_options(config, replicas=1, flag_values=FLAGS):
@@ -168,11 +171,14 @@ def maml_options(config, replicas=1, flag_values=FLAGS):
     against ``config`` (a ``UsageError`` naming the flag, before anything compiles)."""
     fv, steps = flag_values, config["inner_steps"]
     per_replica = config["meta_batch"] // replicas
-    if per_replica % fv.task_groups:
-        raise app.UsageError(f"--task_groups={fv.task_groups} must divide the meta-batch "
+    chunk = fv.task_chunk
+    if chunk is None:
+        chunk = training.default_task_chunk(config, replicas)
+    elif per_replica % chunk:
+        raise app.UsageError(f"--task_chunk={chunk} must divide the meta-batch "
                              f"({per_replica} tasks per replica)")
     return dict(inner_steps=steps, outer_lr=config["outer_lr"], first_order=fv.first_order,
-                loss=config["loss"], recompute=fv.recompute, task_groups=fv.task_groups,
+                loss=config["loss"], recompute=fv.recompute, task_chunk=chunk,
                 step_weights=[1.0 / steps] * steps if fv.msl else None)
 
 

@@ -33,7 +33,7 @@ def build_step(config, jit_compile, strategy=None):
     step_flops = flops.maml_step(config, first_order=FLAGS.first_order, multi_step_loss=FLAGS.msl)
     algorithm = {"inner_steps": steps, "order": "first" if FLAGS.first_order else "second",
                  "lr_mode": FLAGS.lr_mode, "msl": FLAGS.msl, "recompute": FLAGS.recompute,
-                 "task_groups": FLAGS.task_groups}
+                 "task_chunk": options["task_chunk"]}
     return step, state, step_flops, algorithm
 
 

@@ -177,10 +177,10 @@ def _check_options(algorithm, options):
                          f"the options are {allowed}")
 
 
-def _check_task_groups(tasks, options):
-    groups = options.get("task_groups", 1)
-    if isinstance(groups, int) and groups > 0 and tasks % groups:
-        raise ValueError(f"task_groups={groups} must divide the meta-batch ({tasks} tasks per "
+def _check_task_chunk(tasks, options):
+    chunk = options.get("task_chunk")
+    if isinstance(chunk, int) and chunk > 0 and tasks % chunk:
+        raise ValueError(f"task_chunk={chunk} must divide the meta-batch ({tasks} tasks per "
                          "replica)")
 
 
@@ -195,7 +195,7 @@ def make_train_step(strategy, algorithm, apply_fn, *, meta_batch, jit_compile=Tr
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     _check_options(algorithm, options)
-    _check_task_groups(meta_batch, options)
+    _check_task_chunk(meta_batch, options)
     single = maml.make_train_step if algorithm == "maml" else protonet.make_train_step
     return single(apply_fn, jit_compile=jit_compile, **options)
 
@@ -227,20 +227,14 @@ def make_distributed_train_step(strategy, algorithm, apply_fn, *, meta_batch, ji
     per_replica = check_meta_batch(meta_batch, num_replicas)
     worker_share = per_replica * len(local_ids)
     _check_options(algorithm, options)
-    _check_task_groups(per_replica, options)
-    params, local_loss, update = _PARTS[algorithm](apply_fn, **options)
+    _check_task_chunk(per_replica, options)
+    _, local_gradient, update = _PARTS[algorithm](apply_fn, **options)
     scale = per_replica / meta_batch
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def local_gradients(state, tasks):
-        variables = params(state)
-        with tf.GradientTape() as tape:
-            tape.watch(variables)
-            value, metrics = local_loss(state, tasks)
-            scaled = value * scale
-        grads = tape.gradient(scaled, variables,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return grads, {name: v * scale for name, v in metrics.items()}
+        grads, metrics = local_gradient(state, tasks)
+        return ([g * scale for g in grads], {name: v * scale for name, v in metrics.items()})
 
     compiled_update = tf.function(update, jit_compile=jit_compile, autograph=False)
 

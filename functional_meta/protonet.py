@@ -190,25 +190,29 @@ def init_state(weights):
 
 
 def train_step_parts(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
-    """The training step split at the gradient, ``(params, objective, update)``, as
+    """The training step split at the gradient, ``(params, gradient, update)``, as
     ``maml.train_step_parts``: ``make_train_step`` composes them in one compiled function and
-    ``functional_meta.distribute`` all-reduces the gradient between objective and update."""
+    ``functional_meta.distribute`` all-reduces the gradient between the two."""
     n_way = _check_n_way(n_way)
     _check_metric(metric)
 
     def params(state):
         return list(state["weights"])
 
-    def objective(state, episodes):
-        loss, out = loss_and_logits(apply_fn, state["weights"], episodes, n_way, metric)
+    def gradient(state, episodes):
+        weights = params(state)
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss, out = loss_and_logits(apply_fn, state["weights"], episodes, n_way, metric)
+        grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         accuracy = tf.reduce_mean(_correct(out, episodes[3], loss.dtype))
-        return loss, {"loss": loss, "accuracy": accuracy}
+        return grads, {"loss": loss, "accuracy": accuracy}
 
     def update(state, grads):
         weights, opt_state = optim.adam_update(grads, params(state), state["opt"], lr)
         return {"weights": weights, "opt": opt_state}
 
-    return params, objective, update
+    return params, gradient, update
 
 
 def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=True):
@@ -224,16 +228,12 @@ def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=Tr
     ``validate_episode`` yourself to check later batches. ``step.compiled`` is the
     ``tf.function`` and ``step.tracing_count()`` how many times it has traced.
     """
-    params, objective, update = train_step_parts(apply_fn, n_way=n_way, lr=lr, metric=metric)
+    _, gradient, update = train_step_parts(apply_fn, n_way=n_way, lr=lr, metric=metric)
     n_way = int(n_way)                                   # checked by train_step_parts
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(state, episodes):
-        weights = params(state)
-        with tf.GradientTape() as tape:
-            tape.watch(weights)
-            loss, metrics = objective(state, episodes)
-        grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads, metrics = gradient(state, episodes)
         return update(state, grads), metrics
 
     checked = []

@@ -62,7 +62,7 @@ def check_timing(record, algorithm_flops):
 def test_maml_bench_reports_every_number_and_writes_a_profile(tmp_path):
     profile = tmp_path / "profile"
     done = run_module("benchmarks.maml_bench", *TINY_MAML, "--inner_steps=2", "--msl",
-                      "--lr_mode=lslr", "--recompute", "--task_groups=2", "--warmup=2",
+                      "--lr_mode=lslr", "--recompute", "--task_chunk=1", "--warmup=2",
                       "--data=synthetic_classes", f"--profile_dir={profile}", "--json")
     record = last_json(done)
     config = record["config"]
@@ -70,7 +70,7 @@ def test_maml_bench_reports_every_number_and_writes_a_profile(tmp_path):
         == (3, 1, 2, 2)
     assert config["hidden"] == [8] and config["image_shape"] == [4, 4, 1]
     assert record["algorithm"] == {"inner_steps": 2, "order": "second", "lr_mode": "lslr",
-                                   "msl": True, "recompute": True, "task_groups": 2}
+                                   "msl": True, "recompute": True, "task_chunk": 1}
     assert record["mode"] == "xla"                          # the CPU default for MAML
     assert record["steps"] == 2 and record["warmup"] == 2
     assert record["data"] == "synthetic_classes" and "tf.data" in record["input"]
@@ -112,8 +112,8 @@ def test_data_dependent_flag_errors_exit_before_compiling():
     assert done.returncode != 0
     assert "--k_shot + --q_query = 15 + 10" in done.stderr
     assert "first call" not in done.stderr                 # nothing was traced or compiled
-    done = run_module("benchmarks.maml_bench", *TINY_MAML, "--task_groups=3")
-    assert done.returncode != 0 and "--task_groups=3 must divide the meta-batch" in done.stderr
+    done = run_module("benchmarks.maml_bench", *TINY_MAML, "--task_chunk=3")
+    assert done.returncode != 0 and "--task_chunk=3 must divide the meta-batch" in done.stderr
     assert "first call" not in done.stderr
 
 

@@ -221,14 +221,19 @@ def test_wrong_task_count_is_a_clear_error():
     assert step.tracing_count() == 0
 
 
-def test_default_strategy_step_equals_single_device(reference):
-    """``--strategy=none``: one replica, the same computation as ``maml.make_train_step``."""
-    algorithm, options, (_, apply), state, steps = W.problems()["linear"]
+@pytest.mark.parametrize("name, chunk", [("linear", None), ("maml", 1)])
+def test_default_strategy_step_equals_single_device(reference, name, chunk):
+    """``--strategy=none``: one replica, the same computation as ``maml.make_train_step``; with a
+    ``task_chunk``, the replica loops over chunks and still gives the reference's states."""
+    algorithm, options, (_, apply), state, steps = W.problems()[name]
+    if chunk is not None:
+        options = dict(options, task_chunk=chunk)
     step = distribute.make_distributed_train_step(distribute.make_strategy("none"), algorithm,
                                                   apply, meta_batch=W.META_BATCH,
                                                   jit_compile=False, **options)
     assert step.num_replicas == 1
-    _assert_states_close(W.flat(W.train(step, state, steps)), reference["linear"], "none")
+    steps = [tuple(tf.constant(a) for a in tasks) for tasks in steps]
+    _assert_states_close(W.flat(W.train(step, state, steps)), reference[name], "none")
 
 
 def test_options_are_checked_before_anything_compiles():

@@ -19,7 +19,7 @@ from absl.testing import flagsaver
 
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
-from functional_meta import data, episodes, metrics, plots, training
+from functional_meta import data, episodes, metrics, plots, presets, training
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
@@ -389,10 +389,10 @@ def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
     (['--algorithm=metasgd', '--lr_mode=lslr'], 'lr_mode'),
     (['--algorithm=maml', '--data=synthetic', '--train_groups=class0001,class0002',
       '--test_groups=class0002'], 'share'),
-    (['--algorithm=maml', '--data=synthetic', '--meta_batch=4', '--task_groups=3'],
-     '--task_groups.*task_groups=3 .*divide the meta-batch'),
-    (['--algorithm=protonet', '--data=synthetic', '--n_way=5', '--task_groups=2'],
-     'task_groups=2 needs a MAML'),
+    (['--algorithm=maml', '--data=synthetic', '--meta_batch=4', '--task_chunk=3'],
+     '--task_chunk.*task_chunk=3 .*divide the meta-batch'),
+    (['--algorithm=protonet', '--data=synthetic', '--n_way=5', '--task_chunk=2'],
+     'task_chunk=2 needs a MAML'),
     (['--algorithm=protonet', '--data=synthetic', '--lr_decay_every=100', '--lr_decay=0'],
      r'lr_decay must be in \(0, 1\]'),
     (['--algorithm=maml', '--data=sinusoid', '--augment_shift=1'],
@@ -443,3 +443,18 @@ def test_mirrored_strategy_trains_like_one_device(tmp_path):
         losses[strategy] = [r["loss"] for r in records if "loss" in r]
     assert len(losses["none"]) == 3
     np.testing.assert_allclose(losses["mirrored"], losses["none"], rtol=1e-5)
+
+
+def test_default_task_chunk_keeps_about_80_omniglot_images_per_chunk():
+    def chunk(preset, **overrides):
+        return training.default_task_chunk(dict(presets.PRESETS[preset], **overrides))
+
+    assert chunk("maml_omniglot_5way") == 8           # config A: 8 tasks of 10 images
+    assert chunk("maml_omniglot_20way") == 2          # 2 tasks of 40 images
+    assert chunk("maml_omniglot_20way", meta_batch=16) == 2
+    assert training.default_task_chunk(dict(presets.PRESETS["maml_omniglot_5way"]), replicas=2) \
+        == 8                                          # 16 tasks per replica
+    assert chunk("maml_omniglot_5way", meta_batch=6) is None        # 60 images: all at once
+    assert chunk("maml_omniglot_5way", meta_batch=25) == 5          # a divisor, never a remainder
+    assert chunk("maml_miniimagenet") == 1            # one 84x84x3 task is over the budget
+    assert chunk("maml_sinusoid") is None             # an MLP: whole meta-batch
