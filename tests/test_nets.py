@@ -138,3 +138,33 @@ def test_fused_batch_norm_path_matches_exact_path_to_second_order():
     assert any(op.type.startswith("FusedBatchNorm") for op in graph.get_operations())
     graph = tf.function(apply).get_concrete_function(per_task, x).graph
     assert not any(op.type.startswith("FusedBatchNorm") for op in graph.get_operations())
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("per_task", [False, True])
+def test_first_block_from_patch_statistics_matches_conv_then_batch_norm(stride, per_task):
+    # Inputs with few channels take the patch-statistics block; it must be the same function as
+    # the convolution followed by batch norm, to second order (float64).
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(3, 5, 9, 8, 2)) * 3.0 + 1.0)
+    lead = [3] if per_task else []
+    weights = [tf.constant(rng.normal(size=lead + s)) for s in ([3, 3, 2, 4], [4], [4])]
+    probe = tf.constant(rng.normal(size=(3, 5, -(-9 // stride), -(-8 // stride), 4)))
+    direction = [tf.constant(rng.normal(size=w.shape)) for w in weights]
+
+    def patch_path(w, x):
+        return nets._conv_batch_norm_from_patches(x, *w, stride)
+
+    def two_steps(w, x):
+        return nets._batch_norm(nets._conv3x3(x, w[0], stride), w[1], w[2])
+
+    got = _loss_grads_hvp(patch_path, weights, x, probe, direction)
+    want = _loss_grads_hvp(two_steps, weights, x, probe, direction)
+    for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(tf.reduce_max(tf.abs(b))))
+    # conv4 uses it for the first block only when the input has at most FEW_CHANNELS channels.
+    for channels, used in ((nets.FEW_CHANNELS, True), (nets.FEW_CHANNELS + 1, False)):
+        init, apply = nets.conv4(None, channels=4, in_shape=(8, 8, channels), blocks=1)
+        graph = tf.function(apply).get_concrete_function(init(0), tf.zeros([1, 2, 8, 8, channels]))
+        ops = {op.type for op in graph.graph.get_operations()}
+        assert ("Conv2D" not in ops) == used
