@@ -231,8 +231,10 @@ def test_maml_step_flops_match_the_compiled_step(first_order, msl):
 
 def test_protonet_step_flops_match_the_compiled_convolutions():
     # Unoptimised HLO (optimising convolutions on CPU takes seconds): it still holds the first
-    # layer's input gradient, which XLA prunes later and the analytic count leaves out.
-    config = dict(family="protonet", net="conv4", channels=4, pool="max", image_shape=(16, 16, 1),
+    # layer's input gradient, which XLA prunes later and the analytic count leaves out. Four input
+    # channels keep the first block a convolution (with at most three, nets computes it as the
+    # same product of patches and kernel, plus the patches' statistics).
+    config = dict(family="protonet", net="conv4", channels=4, pool="max", image_shape=(16, 16, 4),
                   n_way=3, k_shot=2, q_query=1, meta_batch=2)
     init, apply = presets.network(config)
     step = protonet.make_train_step(apply, 3)
