@@ -55,6 +55,11 @@ flags.DEFINE_integer("augment_shift", 0, "Image data: move every image of the tr
                      "by its own random offset of up to this many pixels per axis (zero fill); "
                      "validation and test episodes are never shifted. 0 = no augmentation.",
                      lower_bound=0)
+flags.DEFINE_float("augment_rotate", 0.0, "Image data: also rotate every training image about its "
+                   "centre by a random angle of up to this many degrees either way (bilinear, "
+                   "zero fill); 0 = none.", lower_bound=0)
+flags.DEFINE_float("augment_scale", 0.0, "Image data: also scale every training image by a random "
+                   "factor in [1 - this, 1 + this]; 0 = none.", lower_bound=0)
 flags.DEFINE_integer("channels", None, "conv4 filters per block.", lower_bound=1)
 flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
 flags.DEFINE_list("hidden", None, "MLP hidden layer widths, e.g. 40,40.")
@@ -107,7 +112,9 @@ def config_from_flags():
         config = training.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
                                       lr_mode=FLAGS.lr_mode, metric=FLAGS.metric,
                                       lr_decay_every=FLAGS.lr_decay_every, lr_decay=FLAGS.lr_decay,
-                                      augment_shift=FLAGS.augment_shift, **overrides)
+                                      augment_shift=FLAGS.augment_shift,
+                                      augment_rotate=FLAGS.augment_rotate,
+                                      augment_scale=FLAGS.augment_scale, **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
@@ -187,7 +194,7 @@ def main(argv):
         raise app.UsageError(f"bad flags (--strategy/--meta_batch/--task_chunk): {error}") from None
     sampler = training.make_sampler(train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
                                     q_query=config["q_query"], meta_batch=config["meta_batch"],
-                                    seed=FLAGS.seed, augment_shift=config["augment_shift"])
+                                    seed=FLAGS.seed, **training.augment_options(config))
     validate = None
     if FLAGS.val_every:
         val_sampler = training.make_sampler(val_classes, n_way=val_n_way, k_shot=config["k_shot"],

@@ -54,15 +54,20 @@ class EpisodeSampler(_IndexedSampler):
     by its own random whole-pixel offset of at most this many pixels along each axis, uncovered
     pixels filled with 0 (the background of inverted Omniglot). The offsets come from the batch's
     generator after its episodes are drawn, so the episodes are the same with or without it and
-    batch ``i`` stays a pure function of ``(seed, i)``.
+    batch ``i`` stays a pure function of ``(seed, i)``. ``augment_rotate`` (degrees) and
+    ``augment_scale`` (a fraction) then also rotate every image about its centre by an angle drawn
+    from ``[-augment_rotate, augment_rotate]`` and scale it by a factor from
+    ``[1 - augment_scale, 1 + augment_scale]`` (bilinear, zero fill; ``warp_images``).
     """
 
-    def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0, augment_shift=0):
+    def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0, augment_shift=0,
+                 augment_rotate=0.0, augment_scale=0.0):
         _check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
         _check_seed(seed)
         if isinstance(augment_shift, bool) or not isinstance(augment_shift, (int, np.integer)) \
                 or augment_shift < 0:
             raise ValueError(f"augment_shift must be a non-negative integer, got {augment_shift!r}")
+        check_warp(augment_rotate, augment_scale)
         if n_way > len(data):
             raise ValueError(f"n_way={n_way} but the data has {len(data)} classes")
         sizes = np.array([len(x) for x in data.images])
@@ -81,6 +86,7 @@ class EpisodeSampler(_IndexedSampler):
             raise ValueError(f"augment_shift={augment_shift} must be smaller than the images "
                              f"({self.image_shape[0]}x{self.image_shape[1]})")
         self.augment_shift = int(augment_shift)
+        self.augment_rotate, self.augment_scale = float(augment_rotate), float(augment_scale)
         self._images = np.concatenate(data.images)          # all images, class after class
         self._sizes = sizes
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -115,6 +121,9 @@ class EpisodeSampler(_IndexedSampler):
         if self.augment_shift:
             support_x = shift_images(support_x, self.augment_shift, rng)
             query_x = shift_images(query_x, self.augment_shift, rng)
+        if self.augment_rotate or self.augment_scale:
+            support_x = warp_images(support_x, self.augment_rotate, self.augment_scale, rng)
+            query_x = warp_images(query_x, self.augment_rotate, self.augment_scale, rng)
         return (support_x.astype(np.float32) / 255.0, support_y,
                 query_x.astype(np.float32) / 255.0, query_y)
 
@@ -141,6 +150,53 @@ def shift_images(images, max_shift, rng):
     rows = (np.arange(h)[None, :] + s - dy[:, None])[:, :, None]      # [n, H, 1]
     cols = (np.arange(w)[None, :] + s - dx[:, None])[:, None, :]      # [n, 1, W]
     return padded[np.arange(n)[:, None, None], rows, cols].reshape(shape)
+
+
+def check_warp(max_degrees, max_scale):
+    """``ValueError`` naming ``augment_rotate``/``augment_scale`` unless ``0 <= max_degrees < 180``
+    and ``0 <= max_scale < 1``."""
+    for name, value, limit in (("augment_rotate", max_degrees, 180),
+                               ("augment_scale", max_scale, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not 0 <= value < limit:
+            raise ValueError(f"{name} must be a number in [0, {limit}), got {value!r}")
+
+
+def warp(images, angles, scales):
+    """``images [n, H, W, C]`` rotated about their centres by ``angles [n]`` (degrees,
+    counter-clockwise as displayed) and scaled by ``scales [n]``; bilinear, 0 outside, same
+    dtype."""
+    n, h, w, _ = images.shape
+    theta = -np.deg2rad(np.asarray(angles, np.float64))[:, None, None]
+    inverse = 1.0 / np.asarray(scales, np.float64)[:, None, None]
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    y, x = np.meshgrid(np.arange(h) - cy, np.arange(w) - cx, indexing="ij")
+    # Each output pixel reads the input at the inverse map of its position.
+    src_y = (np.cos(theta) * y - np.sin(theta) * x) * inverse + cy
+    src_x = (np.sin(theta) * y + np.cos(theta) * x) * inverse + cx
+    y0, x0 = np.floor(src_y).astype(np.int64), np.floor(src_x).astype(np.int64)
+    fy, fx = (src_y - y0)[..., None], (src_x - x0)[..., None]
+    padded = np.pad(images.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    item = np.arange(n)[:, None, None]
+
+    def at(yi, xi):           # indices outside the image land on the zero border
+        return padded[item, np.clip(yi + 1, 0, h + 1), np.clip(xi + 1, 0, w + 1)]
+    out = ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
+           + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
+    if np.issubdtype(images.dtype, np.integer):
+        info = np.iinfo(images.dtype)
+        out = np.clip(np.round(out), info.min, info.max)
+    return out.astype(images.dtype)
+
+
+def warp_images(images, max_degrees, max_scale, rng):
+    """``images [..., H, W, C]``, each rotated by an angle from ``[-max_degrees, max_degrees]`` and
+    scaled by a factor from ``[1 - max_scale, 1 + max_scale]`` (uniform, drawn with ``rng``)."""
+    shape = images.shape
+    flat = images.reshape((-1,) + shape[-3:])
+    angles = rng.uniform(-max_degrees, max_degrees, len(flat))
+    scales = rng.uniform(1 - max_scale, 1 + max_scale, len(flat))
+    return warp(flat, angles, scales).reshape(shape)
 
 
 def _indexed_dataset(batch_fn, signature, start_batch, num_batches, prefetch):

@@ -49,7 +49,9 @@ HISTORY_FILE = "history.jsonl"
 RUN_FIELDS = ("steps",)
 # Config fields added after runs were first stored, with the value that earlier runs had: a
 # config.json without them resumes as if it held these.
-LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0}
+LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "augment_rotate": 0.0,
+                  "augment_scale": 0.0}
+AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 # Episodes per evaluation batch (validation and test); the last batch is cut to the count asked.
 EVAL_BATCH = 25
 
@@ -85,15 +87,18 @@ def _check_positive_float(config, *names):
 
 
 def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
-                lr_decay_every=0, lr_decay=0.5, augment_shift=0, **overrides):
+                lr_decay_every=0, lr_decay=0.5, augment_shift=0, augment_rotate=0.0,
+                augment_scale=0.0, **overrides):
     """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
     ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
     ``None`` overrides keep the preset's value.
 
     ``lr_decay_every`` (0: constant rate) and ``lr_decay``: the meta-optimiser's rate ``outer_lr``
     is multiplied by ``lr_decay`` every ``lr_decay_every`` steps (``optim.step_decay``; ProtoNet's
-    paper halves it every 2000 episodes). ``augment_shift``: training episodes' images move by up
-    to this many pixels (``episodes.EpisodeSampler``); validation and test episodes never do.
+    paper halves it every 2000 episodes). ``augment_shift``, ``augment_rotate``, ``augment_scale``:
+    training episodes' images move by up to this many pixels, rotate by up to this many degrees,
+    scale by up to this fraction (``episodes.EpisodeSampler``); validation and test episodes never
+    do.
 
     ``algorithm``: ``maml`` (second order), ``fomaml``, ``metasgd`` (learned per-weight inner rates),
     ``protonet``, or ``pretrain`` (the sinusoid baseline: one network regressed on the mixture of
@@ -130,7 +135,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
         raise ValueError(f"metric must be one of {list(protonet.METRICS)}, got {metric!r}")
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
                   first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
-                  lr_decay=lr_decay, augment_shift=augment_shift)
+                  lr_decay=lr_decay, augment_shift=augment_shift, augment_rotate=augment_rotate,
+                  augment_scale=augment_scale)
     if data is not None:
         config["data"] = data
     check_config(config)
@@ -161,9 +167,13 @@ def check_config(config):
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1] (the factor applied every lr_decay_every "
                          f"steps), got {decay!r}")
-    shift, shape = config.get("augment_shift", 0), tuple(config.get("image_shape", ()))
-    if shift and (regression or len(shape) != 3):
-        raise ValueError(f"augment_shift={shift} shifts images; data={config['data']!r} has none")
+    episodes.check_warp(config.get("augment_rotate", 0.0), config.get("augment_scale", 0.0))
+    shape = tuple(config.get("image_shape", ()))
+    for name in AUGMENT_FIELDS:
+        if config.get(name) and (regression or len(shape) != 3):
+            raise ValueError(f"{name}={config[name]} augments images; data={config['data']!r} "
+                             "has none")
+    shift = config.get("augment_shift", 0)
     if shift and shift >= min(shape[:2]):
         raise ValueError(f"augment_shift={shift} must be smaller than the images "
                          f"({shape[0]}x{shape[1]})")
@@ -327,16 +337,25 @@ def check_split(split, name, n_way, k_shot, q_query):
                          f"has only {smallest} images")
 
 
-def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_shift=0):
+def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_shift=0,
+                 augment_rotate=0.0, augment_scale=0.0):
     """``EpisodeSampler`` over ``classes`` (a ``ClassData``), or ``SinusoidSampler`` when
-    ``classes`` is ``None``; ``n_way`` is ignored for sinusoids. ``augment_shift`` is for the
-    training sampler only (a config's ``augment_shift``); evaluation samplers keep the default 0."""
+    ``classes`` is ``None``; ``n_way`` is ignored for sinusoids. The ``augment_*`` settings are for
+    the training sampler only (a config's fields, ``augment_options``); evaluation samplers keep
+    the defaults, no augmentation."""
     if classes is None:
-        if augment_shift:
-            raise ValueError("augment_shift shifts images; sinusoid tasks have none")
+        if augment_shift or augment_rotate or augment_scale:
+            raise ValueError("augment_* change images; sinusoid tasks have none")
         return episodes.SinusoidSampler(meta_batch, k_shot, q_query, seed)
     return episodes.EpisodeSampler(classes, n_way, k_shot, q_query, meta_batch=meta_batch,
-                                   seed=seed, augment_shift=augment_shift)
+                                   seed=seed, augment_shift=augment_shift,
+                                   augment_rotate=augment_rotate, augment_scale=augment_scale)
+
+
+def augment_options(config):
+    """The training sampler's ``augment_*`` keyword arguments of a config (defaults for a config
+    stored before they existed)."""
+    return {name: config.get(name, LATER_DEFAULTS[name]) for name in AUGMENT_FIELDS}
 
 
 # ----------------------------------------------------------------------------------------------

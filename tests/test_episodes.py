@@ -227,3 +227,44 @@ def test_augmented_batches_are_a_pure_function_of_seed_and_index():
 def test_bad_augment_shift(shift, match):
     with pytest.raises(ValueError, match=match):
         episodes.EpisodeSampler(_centred(), 3, 1, 1, augment_shift=shift)
+
+
+def test_warp_identity_quarter_turn_and_scale():
+    x = np.random.default_rng(0).integers(0, 256, (3, 12, 12, 1)).astype(np.uint8)
+    np.testing.assert_array_equal(episodes.warp(x, [0] * 3, [1] * 3), x)
+    # A quarter turn counter-clockwise is numpy's rot90 (exact on the pixel grid; the border
+    # rows come out the same too, since the centre is a pixel corner for an even size).
+    np.testing.assert_array_equal(episodes.warp(x, [90] * 3, [1] * 3), np.rot90(x, axes=(1, 2)))
+    full = np.full((2, 20, 20, 1), 255, np.uint8)
+    shrunk = episodes.warp(full, [0, 0], [0.5, 0.5])
+    assert shrunk[0, 10, 10, 0] == 255 and shrunk[0, 1, 1, 0] == 0       # zero outside
+    assert shrunk.mean() / 255 == pytest.approx(0.25, abs=0.03)           # a quarter of the area
+    assert episodes.warp(full, [0], [2.0]).min() == 255                   # enlarged: all covered
+
+
+def test_rotated_and_scaled_batches_keep_the_episodes_and_are_deterministic():
+    d = _centred()
+    options = dict(augment_rotate=20.0, augment_scale=0.2)
+    plain = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=2, seed=5)
+    warped = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=2, seed=5, **options)
+    again = episodes.EpisodeSampler(d, 3, 1, 2, meta_batch=2, seed=5, **options)
+    a, b, c = plain.batch(3), warped.batch(3), again.batch(3)
+    for x, y in zip(b, c):
+        np.testing.assert_array_equal(x, y)                     # a pure function of (seed, i)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[3], b[3])
+    assert [x.shape for x in a] == [x.shape for x in b] and b[0].dtype == np.float32
+    changed = np.abs(a[0] - b[0]).reshape(len(a[0]) * a[0].shape[1], -1).max(axis=1)
+    assert (changed > 0.05).all()                               # every image is transformed
+    assert not np.array_equal(b[0], warped.batch(4)[0])
+
+
+@pytest.mark.parametrize('options, match', [
+    (dict(augment_rotate=-1.0), r'augment_rotate must be a number in \[0, 180\)'),
+    (dict(augment_rotate=180), r'augment_rotate must be a number in \[0, 180\)'),
+    (dict(augment_scale=1.0), r'augment_scale must be a number in \[0, 1\)'),
+    (dict(augment_scale='0.1'), 'augment_scale'),
+])
+def test_bad_warp_settings(options, match):
+    with pytest.raises(ValueError, match=match):
+        episodes.EpisodeSampler(_centred(), 3, 1, 1, **options)

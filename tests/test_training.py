@@ -157,13 +157,14 @@ def _tiny_maml(tmp_path, **options):
 
     def sampler():
         return training.make_sampler(classes, n_way=3, k_shot=1, q_query=2, meta_batch=2, seed=5,
-                                     augment_shift=config['augment_shift'])
+                                     **training.augment_options(config))
     return learner, sampler
 
 
 # The second case resumes at step 3 right after the outer rate has halved (updates 3 and 4 use
-# half the rate, 5 and 6 a quarter) and with shifted training images.
-@pytest.mark.parametrize('options', [{}, dict(lr_decay_every=2, lr_decay=0.5, augment_shift=1)])
+# half the rate, 5 and 6 a quarter) and with shifted, rotated and scaled training images.
+@pytest.mark.parametrize('options', [{}, dict(lr_decay_every=2, lr_decay=0.5, augment_shift=1,
+                                              augment_rotate=10.0, augment_scale=0.1)])
 def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options):
     learner, sampler = _tiny_maml(tmp_path, **options)
     # Determinism is process-wide and TF has no public switch back: restore it with the private
@@ -329,7 +330,7 @@ def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeyp
     # It also lacks the fields added since (lr schedule, augmentation): they read as their
     # defaults, so the run resumes; asking for another value is a config change.
     old = json.loads(stored.read_text())
-    for name in ('lr_decay_every', 'lr_decay', 'augment_shift'):
+    for name in ('lr_decay_every', 'lr_decay', 'augment_shift', 'augment_rotate', 'augment_scale'):
         del old[name]
     stored.write_text(json.dumps(dict(old, data_path='mnist.npz')))
     run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/mnist.npz', '--steps=3', '--resume'])
@@ -341,25 +342,27 @@ def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeyp
 
 
 def test_augmentation_only_for_the_training_sampler(tmp_path, monkeypatch):
-    """fm-train shifts the training episodes only (validation uses plain ones), stores the
-    setting in config.json, and fm-eval of that run samples plain episodes."""
+    """fm-train augments the training episodes only (validation uses plain ones), stores the
+    settings in config.json, and fm-eval of that run samples plain episodes."""
     calls = []
     make_sampler = training.make_sampler
 
     def recording(classes, **kwargs):
-        calls.append(kwargs.get('augment_shift', 0))
+        calls.append(tuple(kwargs.get(name, 0) for name in training.AUGMENT_FIELDS))
         return make_sampler(classes, **kwargs)
     monkeypatch.setattr(training, 'make_sampler', recording)
     out = tmp_path / 'run'
     run_binary(train_bin, ['--algorithm=protonet', '--data=synthetic', '--channels=4',
                            '--n_way=3', '--k_shot=1', '--q_query=1', '--augment_shift=2',
-                           '--steps=2', '--val_every=2', '--val_episodes=2', '--nojit',
+                           '--augment_rotate=10', '--augment_scale=0.1', '--steps=2',
+                           '--val_every=2', '--val_episodes=2', '--nojit',
                            f'--out_dir={out}'])
-    assert calls == [2, 0]                                  # training, then validation
-    assert training.load_config(out)[0]['augment_shift'] == 2
+    assert calls == [(2, 10.0, 0.1), (0, 0, 0)]             # training, then validation
+    config = training.load_config(out)[0]
+    assert [config[name] for name in training.AUGMENT_FIELDS] == [2, 10, 0.1]
     calls.clear()
     run_binary(eval_bin, [f'--checkpoint={out}', '--num_episodes=2', '--q_query=1', '--nojit'])
-    assert calls == [0]
+    assert calls == [(0, 0, 0)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +376,7 @@ def test_augmentation_only_for_the_training_sampler(tmp_path, monkeypatch):
     (['--algorithm=protonet', '--lr_decay_every=-1'], '--lr_decay_every'),
     (['--algorithm=protonet', '--lr_decay=1.5'], '--lr_decay'),
     (['--algorithm=protonet', '--augment_shift=-2'], '--augment_shift'),
+    (['--algorithm=protonet', '--augment_scale=-0.1'], '--augment_scale'),
 ])
 def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
     with pytest.raises(flags.Error, match=names):
@@ -396,7 +400,11 @@ def test_bad_flag_values_fail_at_parsing(argv, names, tmp_path):
     (['--algorithm=protonet', '--data=synthetic', '--lr_decay_every=100', '--lr_decay=0'],
      r'lr_decay must be in \(0, 1\]'),
     (['--algorithm=maml', '--data=sinusoid', '--augment_shift=1'],
-     "augment_shift=1 shifts images; data='sinusoid' has none"),
+     "augment_shift=1 augments images; data='sinusoid' has none"),
+    (['--algorithm=protonet', '--data=synthetic', '--augment_rotate=180'],
+     r'augment_rotate must be a number in \[0, 180\)'),
+    (['--algorithm=maml', '--data=sinusoid', '--augment_scale=0.1'],
+     "augment_scale=0.1 augments images; data='sinusoid' has none"),
     (['--algorithm=protonet', '--data=synthetic', '--augment_shift=28'],
      r'augment_shift=28 must be smaller than the images \(28x28\)'),
 ])
