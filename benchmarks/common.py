@@ -556,6 +556,7 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "algorithm": algorithm, "mode": mode, "device": device, "device_name": device_name(device),
         "tf_version": tf.__version__, "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "data": fv.data, "input": input_kind,
         "strategy": fv.strategy, "replicas": strategy.num_replicas_in_sync if strategy else 1,
         "steps": fv.steps, "warmup": fv.warmup, **timing,
@@ -591,7 +592,7 @@ def format_report(r):
     rows = [
         ("benchmark", f"{r['benchmark']}  preset={r['preset']}  mode={r['mode']}"),
         ("device", f"{r['device']}: {r['device_name']}  (TensorFlow {r['tf_version']}, "
-                   f"TF_ENABLE_ONEDNN_OPTS={r['onednn']})"),
+                   f"TF_ENABLE_ONEDNN_OPTS={r['onednn']}, XLA_FLAGS={r['xla_flags']})"),
         ("network", f"{net}, input {shape}"),
         ("episodes", f"{c['n_way']}-way {c['k_shot']}-shot {c['q_query']}-query, "
                      f"meta-batch {c['meta_batch']}"),

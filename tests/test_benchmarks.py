@@ -56,6 +56,10 @@ def check_timing(record, algorithm_flops):
     assert record["device"] == "cpu" and record["tf_version"] == tf.__version__
     # The binaries switch oneDNN on unless the caller chose (benchmarks/__init__.py).
     assert record["onednn"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
+    # ... and XLA's one-thread matrix products, unless the caller set that flag.
+    caller = os.environ.get("XLA_FLAGS", "")
+    assert record["xla_flags"] == (caller if "xla_cpu_multi_thread_eigen" in caller else
+                                   f"{caller} --xla_cpu_multi_thread_eigen=false".strip())
     assert math.isfinite(record["loss"])
 
 
