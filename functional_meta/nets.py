@@ -136,7 +136,10 @@ def _conv_batch_norm_from_patches(x, kernel, scale, offset, stride):
     var = tf.reduce_sum(tf.matmul(cov, k) * k, axis=-2)                 # [T, O]
     factor = tf.math.rsqrt(var + BN_EPSILON) * scale                    # [T, O]
     shift = offset - tf.matmul(mean, k)[:, 0] * factor                  # [T, O]
-    y = tf.matmul(patches, k * factor[:, None, :]) + shift[:, None, :]
+    # The offset as one more kernel row against a column of ones: no pass over the output.
+    ones = tf.ones([t, rows, 1], x.dtype)
+    folded = tf.concat([k * factor[:, None, :], shift[:, None, :]], axis=1)
+    y = tf.matmul(tf.concat([patches, ones], axis=-1), folded)
     return tf.reshape(y, [t, n, out_h, out_w, kernel.shape[-1]])
 
 
@@ -223,13 +226,16 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
             kernel, scale, offset = weights[3 * b:3 * b + 3]
             stride = 2 if pool == "stride" else 1
             if x.shape[-1] <= FEW_CHANNELS:
-                x = tf.nn.relu(_conv_batch_norm_from_patches(x, kernel, scale, offset, stride))
+                x = _conv_batch_norm_from_patches(x, kernel, scale, offset, stride)
             else:
-                x = tf.nn.relu(_batch_norm(_conv3x3(x, kernel, stride), scale, offset))
+                x = _batch_norm(_conv3x3(x, kernel, stride), scale, offset)
             if pool == "max":
+                # Pooling before the ReLU: max and ReLU commute (both are monotone), with the same
+                # gradients, and the ReLU then passes over a quarter of the values.
                 t, n = x.shape[:2]
                 y = tf.nn.max_pool2d(tf.reshape(x, [t * n] + x.shape[2:]), 2, 2, "VALID")
                 x = tf.reshape(y, [t, n] + y.shape[1:])
+            x = tf.nn.relu(x)
         x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
         if n_way is not None:
             x = _dense(x, weights[-2], weights[-1])
