@@ -119,7 +119,7 @@ def config_from_flags():
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
         raise app.UsageError(f"--data={config['data']} needs --data_path")
-    config.update(data_path=_absolute(FLAGS.data_path), rotations=FLAGS.rotations,
+    config.update(data_path=training.absolute_data_path(FLAGS.data_path), rotations=FLAGS.rotations,
                   train_groups=FLAGS.train_groups, val_groups=FLAGS.val_groups,
                   test_groups=FLAGS.test_groups, exclude_groups=FLAGS.exclude_groups,
                   split=[float(f) for f in FLAGS.split], val_fraction=FLAGS.val_fraction,
@@ -146,13 +146,6 @@ def _draw(out_dir, config, learner, checkpoints_kept, held_out):
         drawn.append(plots.embeddings(panels, os.path.join(out_dir, "embeddings.png")))
     for path in drawn:
         logging.info("wrote %s", path)
-
-
-def _absolute(data_path):
-    """``--data_path`` with each ','-joined path made absolute: config.json then names the same
-    files from any working directory (fm-eval, --resume), and a relative spelling of the same
-    path is not a config change."""
-    return data_path and ",".join(os.path.abspath(p) for p in data_path.split(","))
 
 
 def main(argv):

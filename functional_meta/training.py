@@ -695,11 +695,11 @@ def _trim_history(path, last_step):
     _atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-def _same_paths(a, b):
-    """Two ``data_path`` values name the same files (relative ones from the working directory)."""
-    def norm(value):
-        return value and [os.path.abspath(p) for p in value.split(",")]
-    return norm(a) == norm(b)
+def absolute_data_path(data_path):
+    """``data_path`` with each ','-joined path made absolute (relative ones from the working
+    directory): a config then names the same files from any working directory (fm-eval,
+    ``--resume``), and a relative spelling of the same path is not a config change."""
+    return data_path and ",".join(os.path.abspath(p) for p in data_path.split(","))
 
 
 def _check_same_config(stored, config):
@@ -707,7 +707,8 @@ def _check_same_config(stored, config):
         return values.get(k, LATER_DEFAULTS.get(k))
     differ = sorted(k for k in set(stored) | set(config)
                     if k not in RUN_FIELDS and get(stored, k) != get(config, k)
-                    and not (k == "data_path" and _same_paths(stored.get(k), config.get(k))))
+                    and not (k == "data_path" and absolute_data_path(stored.get(k))
+                             == absolute_data_path(config.get(k))))
     if differ:
         changes = ", ".join(f"{k}: {get(stored, k)!r} -> {get(config, k)!r}" for k in differ)
         raise ValueError(f"cannot resume: the run was started with a different config ({changes})")
