@@ -27,25 +27,30 @@ from functional_meta import presets
 
 FLAGS = flags.FLAGS
 CONV4_PRESETS = sorted(name for name, c in presets.PRESETS.items() if c["net"] == "conv4")
-flags.DEFINE_enum("preset", "maml_omniglot_5way", CONV4_PRESETS,
-                  "Configuration to run (the conv4 presets of functional_meta.presets).")
-flags.DEFINE_integer("n_way", None, "Classes per task; default: the preset's.", lower_bound=2)
-flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's.",
-                     lower_bound=1)
-flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's.",
-                     lower_bound=1)
-flags.DEFINE_integer("meta_batch", None, "Tasks (MAML) or episodes (ProtoNet) per step; default: "
-                     "the preset's.", lower_bound=1)
-flags.DEFINE_integer("inner_steps", None, "MAML inner SGD steps; default: the preset's.",
-                     lower_bound=1)
-flags.DEFINE_integer("steps", 20, "Timed steps (after --warmup untimed ones).", lower_bound=1)
-flags.DEFINE_integer("warmup", 1, "Untimed steps first; the first one is reported apart.",
-                     lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
-                     "synthetic episodes.", lower_bound=0)
-flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 keeps PyTorch's default (one per "
-                     "core).", lower_bound=0)
-flags.DEFINE_bool("json", False, "Also print one JSON line with the configuration and timings.")
+
+
+def define_flags():
+    """The binary's flags, defined when it runs (not on import: the tests import this module
+    beside the other binaries, whose flags share names such as ``--n_way``)."""
+    flags.DEFINE_enum("preset", "maml_omniglot_5way", CONV4_PRESETS,
+                      "Configuration to run (the conv4 presets of functional_meta.presets).")
+    flags.DEFINE_integer("n_way", None, "Classes per task; default: the preset's.", lower_bound=2)
+    flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's.",
+                         lower_bound=1)
+    flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's.",
+                         lower_bound=1)
+    flags.DEFINE_integer("meta_batch", None, "Tasks (MAML) or episodes (ProtoNet) per step; "
+                         "default: the preset's.", lower_bound=1)
+    flags.DEFINE_integer("inner_steps", None, "MAML inner SGD steps; default: the preset's.",
+                         lower_bound=1)
+    flags.DEFINE_integer("steps", 20, "Timed steps (after --warmup untimed ones).", lower_bound=1)
+    flags.DEFINE_integer("warmup", 1, "Untimed steps first; the first one is reported apart.",
+                         lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
+                         "synthetic episodes.", lower_bound=0)
+    flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 keeps PyTorch's default (one per "
+                         "core).", lower_bound=0)
+    flags.DEFINE_bool("json", False, "Also print one JSON line with the configuration and timings.")
 
 
 def _torch():
@@ -208,6 +213,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     common.run_binary(main, __name__)
 
 
