@@ -23,7 +23,7 @@ import time
 from absl import app, flags
 
 from benchmarks import common
-from functional_meta import presets
+from functional_meta import nets, presets
 
 FLAGS = flags.FLAGS
 CONV4_PRESETS = sorted(name for name, c in presets.PRESETS.items() if c["net"] == "conv4")
@@ -78,13 +78,10 @@ def from_library_weights(weights, dtype=None):
 
 
 def _same_pad(x, stride):
-    # TensorFlow's 'SAME': the extra row or column of an odd total goes at the bottom or right.
-    padding = []
-    for size in (x.shape[3], x.shape[2]):                   # F.pad lists the last axis first
-        out = -(-size // stride)
-        total = max((out - 1) * stride + 3 - size, 0)
-        padding += [total // 2, total - total // 2]
-    return _torch().nn.functional.pad(x, padding)
+    """TensorFlow's 'SAME' padding of NCHW ``x`` (``nets._same_padding``: an odd total puts the
+    extra row or column at the bottom or right)."""
+    (_, rows), (_, cols) = (nets._same_padding(size, stride) for size in x.shape[2:])
+    return _torch().nn.functional.pad(x, cols + rows)       # F.pad lists the last axis first
 
 
 def conv4(params, x, pool):
