@@ -17,8 +17,6 @@ loss and gradient. Needs PyTorch: ``pip install -e '.[reference]'``. Not used by
 """
 
 import json
-import statistics
-import time
 
 from absl import app, flags
 
@@ -34,13 +32,7 @@ def define_flags():
     beside the other binaries, whose flags share names such as ``--n_way``)."""
     flags.DEFINE_enum("preset", "maml_omniglot_5way", CONV4_PRESETS,
                       "Configuration to run (the conv4 presets of functional_meta.presets).")
-    flags.DEFINE_integer("n_way", None, "Classes per task; default: the preset's.", lower_bound=2)
-    flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's.",
-                         lower_bound=1)
-    flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's.",
-                         lower_bound=1)
-    flags.DEFINE_integer("meta_batch", None, "Tasks (MAML) or episodes (ProtoNet) per step; "
-                         "default: the preset's.", lower_bound=1)
+    common.define_episode_flags(None)          # the same four flags for either family
     flags.DEFINE_integer("inner_steps", None, "MAML inner SGD steps; default: the preset's.",
                          lower_bound=1)
     flags.DEFINE_integer("steps", 20, "Timed steps (after --warmup untimed ones).", lower_bound=1)
@@ -181,29 +173,25 @@ def main(argv):
         torch.set_num_threads(FLAGS.threads)
     init, _ = presets.network(config)
     step = build_step(config, from_library_weights(init(FLAGS.seed)))
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    for _ in range(FLAGS.warmup - 1):
-        step()
-    times = []
-    for _ in range(FLAGS.steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    # The benchmarks' own timing (first call apart, median of the timed steps), so both sides of
+    # a side-by-side pair are measured alike.
+    timing = common.time_steps(lambda state, batch: (state, {"loss": step()}), None,
+                               lambda: None, FLAGS.steps, FLAGS.warmup)
+    first, times = timing["first_call_s"], timing["step_s"]
+    median = times["median"]
     unit = "tasks" if config["family"] == "maml" else "episodes"
     record = {"benchmark": "torch_reference", "preset": FLAGS.preset, "config": config,
               "torch_version": torch.__version__, "threads": torch.get_num_threads(),
               "steps": FLAGS.steps, "warmup": FLAGS.warmup, "first_call_s": first,
-              "step_s": {"median": median, "min": min(times), "max": max(times)},
-              f"{unit}_per_s": config["meta_batch"] / median, "loss": loss}
+              "step_s": times, f"{unit}_per_s": config["meta_batch"] / median,
+              "loss": timing["loss"]}
     print(f"PyTorch {torch.__version__} reference, {FLAGS.preset} "
           f"({config['n_way']}-way {config['k_shot']}-shot {config['q_query']}-query, "
           f"meta-batch {config['meta_batch']}), {torch.get_num_threads()} threads\n"
           f"   first call  {first:.2f} s\n"
-          f"    step time  median {median * 1e3:.2f} ms  min {min(times) * 1e3:.2f}  "
-          f"max {max(times) * 1e3:.2f}  ({FLAGS.steps} steps after {FLAGS.warmup} warm-up)\n"
+          f"    step time  median {median * 1e3:.2f} ms  min {times['min'] * 1e3:.2f}  "
+          f"max {times['max'] * 1e3:.2f}  IQR {times['iqr'] * 1e3:.2f} ms  "
+          f"({FLAGS.steps} steps after {FLAGS.warmup} warm-up)\n"
           f"   throughput  {config['meta_batch'] / median:.2f} {unit}/s", flush=True)
     if FLAGS.json:
         print(json.dumps(record), flush=True)
