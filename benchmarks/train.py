@@ -218,8 +218,9 @@ def main(argv):
     except ValueError as error:          # e.g. an existing run without --resume
         sys.exit(f"fm-train: {error}")
     elapsed = time.perf_counter() - start
+    best = "none (no validation ran)" if result.best is None else result.best
     print(f"trained {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
-          f"best validation: {result.best}; last checkpoint: {result.checkpoint}")
+          f"best validation: {best}; last checkpoint: {result.checkpoint}")
     if FLAGS.plots:
         kept = training.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()
         _draw(FLAGS.out_dir, config, learner, list(reversed(kept)),

@@ -265,6 +265,13 @@ def test_absurd_outer_lr_exits_naming_the_step(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('ckpt-1')
 
 
+def test_run_without_validation_says_so(tmp_path, capsys):
+    run_binary(train_bin, ['--algorithm=maml', '--data=sinusoid', '--hidden=8', '--nojit',
+                           '--steps=2', '--val_every=0', f'--out_dir={tmp_path}'])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 'to step 2' in last and 'best validation: none (no validation ran)' in last, last
+
+
 def test_killed_run_leaves_a_readable_checkpoint(tmp_path):
     """SIGKILL a training process that checkpoints every step, then restore and resume; a damaged
     newest checkpoint or a stray partial one is skipped for the last good one."""
