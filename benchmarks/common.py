@@ -581,9 +581,28 @@ def _si(value, unit):
     return f"{value:.3g} {unit}"
 
 
+def timing_rows(r, per_s, unit, first_call_note="trace + compile + run"):
+    """The first-call, step-time and throughput rows of a record with ``first_call_s``,
+    ``step_s``, ``steps`` and ``warmup`` (``time_steps``), throughput ``per_s`` in ``unit``/s."""
+    s, ms = r["step_s"], 1e3
+    note = f" ({first_call_note})" if first_call_note else ""
+    return [
+        ("first call", f"{r['first_call_s']:.2f} s{note}"),
+        ("step time", f"median {s['median'] * ms:.2f} ms  min {s['min'] * ms:.2f}  "
+                      f"max {s['max'] * ms:.2f}  IQR {s['iqr'] * ms:.2f} ms  "
+                      f"({r['steps']} steps after {r['warmup']} warm-up)"),
+        ("throughput", f"{per_s:.2f} {unit}/s"),
+    ]
+
+
+def format_rows(rows):
+    """``(name, text)`` rows as the benchmarks print them: names right-aligned."""
+    return "\n".join(f"{name:>13}  {text}" for name, text in rows)
+
+
 def format_report(r):
     """The human-readable table of a benchmark record."""
-    c, s, ms = r["config"], r["step_s"], 1e3
+    c, ms = r["config"], 1e3
     shape = "x".join(map(str, c["image_shape"]))
     net = (f"conv4 {c['channels']} ch {c['pool']}" if c["net"] == "conv4"
            else f"mlp {'-'.join(map(str, c['hidden']))}")
@@ -597,12 +616,7 @@ def format_report(r):
         ("episodes", f"{c['n_way']}-way {c['k_shot']}-shot {c['q_query']}-query, "
                      f"meta-batch {c['meta_batch']}"),
         ("algorithm", algo),
-        ("first call", f"{r['first_call_s']:.2f} s (trace + compile + run)"),
-        ("step time", f"median {s['median'] * ms:.2f} ms  min {s['min'] * ms:.2f}  "
-                      f"max {s['max'] * ms:.2f}  IQR {s['iqr'] * ms:.2f} ms  "
-                      f"({r['steps']} steps after {r['warmup']} warm-up)"),
-        ("throughput", f"{r['tasks_per_s']:.2f} "
-                       f"{'episodes' if r['benchmark'] == 'protonet' else 'tasks'}/s"),
+        *timing_rows(r, r["tasks_per_s"], "episodes" if r["benchmark"] == "protonet" else "tasks"),
         ("FLOPs/step", f"{_si(r['flops_per_step'], 'FLOP')} (analytic, functional_meta.flops)"),
         ("achieved", f"{_si(r['achieved_flops_per_s'], 'FLOP/s')} = "
                      f"{100 * r['achieved_flops_per_s'] / r['matmul_flops_per_s']:.1f}% of "
@@ -618,4 +632,4 @@ def format_report(r):
     ]
     if r["profile_dir"]:
         rows.append(("profile", f"{r['profile_dir']} (tensorboard --logdir {r['profile_dir']})"))
-    return "\n".join(f"{name:>13}  {text}" for name, text in rows)
+    return format_rows(rows)

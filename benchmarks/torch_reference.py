@@ -54,7 +54,7 @@ def _torch():
     return torch
 
 
-def from_library_weights(weights, dtype=None):
+def from_library_weights(weights):
     """Torch leaf tensors (``requires_grad``) from a library conv4 weight list: kernels from
     height-width-in-out to out-in-height-width, the head's ``[D, n]`` to ``[n, D]``."""
     torch = _torch()
@@ -65,7 +65,7 @@ def from_library_weights(weights, dtype=None):
             t = t.permute(3, 2, 0, 1).contiguous()
         elif t.dim() == 2:
             t = t.t().contiguous()
-        out.append(t.to(dtype or t.dtype).requires_grad_())
+        out.append(t.requires_grad_())
     return out
 
 
@@ -177,22 +177,17 @@ def main(argv):
     # a side-by-side pair are measured alike.
     timing = common.time_steps(lambda state, batch: (state, {"loss": step()}), None,
                                lambda: None, FLAGS.steps, FLAGS.warmup)
-    first, times = timing["first_call_s"], timing["step_s"]
-    median = times["median"]
     unit = "tasks" if config["family"] == "maml" else "episodes"
+    per_s = config["meta_batch"] / timing["step_s"]["median"]
     record = {"benchmark": "torch_reference", "preset": FLAGS.preset, "config": config,
               "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-              "steps": FLAGS.steps, "warmup": FLAGS.warmup, "first_call_s": first,
-              "step_s": times, f"{unit}_per_s": config["meta_batch"] / median,
-              "loss": timing["loss"]}
+              "steps": FLAGS.steps, "warmup": FLAGS.warmup, "first_call_s": timing["first_call_s"],
+              "step_s": timing["step_s"], f"{unit}_per_s": per_s, "loss": timing["loss"]}
     print(f"PyTorch {torch.__version__} reference, {FLAGS.preset} "
           f"({config['n_way']}-way {config['k_shot']}-shot {config['q_query']}-query, "
           f"meta-batch {config['meta_batch']}), {torch.get_num_threads()} threads\n"
-          f"   first call  {first:.2f} s\n"
-          f"    step time  median {median * 1e3:.2f} ms  min {times['min'] * 1e3:.2f}  "
-          f"max {times['max'] * 1e3:.2f}  IQR {times['iqr'] * 1e3:.2f} ms  "
-          f"({FLAGS.steps} steps after {FLAGS.warmup} warm-up)\n"
-          f"   throughput  {config['meta_batch'] / median:.2f} {unit}/s", flush=True)
+          + common.format_rows(common.timing_rows(record, per_s, unit, first_call_note=None)),
+          flush=True)
     if FLAGS.json:
         print(json.dumps(record), flush=True)
 
