@@ -43,7 +43,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from functional_meta import data as data_lib
-from functional_meta import distribute, episodes, nets, presets, training
+from functional_meta import distribute, episodes, presets, training
 
 FLAGS = flags.FLAGS
 
