@@ -581,10 +581,18 @@ def _si(value, unit):
     return f"{value:.3g} {unit}"
 
 
-def timing_rows(r, per_s, unit, first_call_note="trace + compile + run"):
-    """The first-call, step-time and throughput rows of a record with ``first_call_s``,
-    ``step_s``, ``steps`` and ``warmup`` (``time_steps``), throughput ``per_s`` in ``unit``/s."""
+def throughput(r):
+    """``(per_second, unit)`` of a record with ``config`` and ``step_s``: the meta-batch over the
+    median step, in tasks (MAML) or episodes (ProtoNet)."""
+    unit = "episodes" if r["config"]["family"] == "protonet" else "tasks"
+    return r["config"]["meta_batch"] / r["step_s"]["median"], unit
+
+
+def timing_rows(r, first_call_note="trace + compile + run"):
+    """The first-call, step-time and throughput rows of a record with ``config``,
+    ``first_call_s``, ``step_s``, ``steps`` and ``warmup`` (``time_steps``)."""
     s, ms = r["step_s"], 1e3
+    per_s, unit = throughput(r)
     note = f" ({first_call_note})" if first_call_note else ""
     return [
         ("first call", f"{r['first_call_s']:.2f} s{note}"),
@@ -616,7 +624,7 @@ def format_report(r):
         ("episodes", f"{c['n_way']}-way {c['k_shot']}-shot {c['q_query']}-query, "
                      f"meta-batch {c['meta_batch']}"),
         ("algorithm", algo),
-        *timing_rows(r, r["tasks_per_s"], "episodes" if r["benchmark"] == "protonet" else "tasks"),
+        *timing_rows(r),
         ("FLOPs/step", f"{_si(r['flops_per_step'], 'FLOP')} (analytic, functional_meta.flops)"),
         ("achieved", f"{_si(r['achieved_flops_per_s'], 'FLOP/s')} = "
                      f"{100 * r['achieved_flops_per_s'] / r['matmul_flops_per_s']:.1f}% of "
