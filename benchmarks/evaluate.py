@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 
 from benchmarks import run_flags
-from functional_meta import training
+from functional_meta import checkpoints, configs, training
 
 FLAGS = flags.FLAGS
 
@@ -80,20 +80,20 @@ def main(argv):
     paths = FLAGS.checkpoint or []
     if FLAGS.method == "model" and not paths:
         raise app.UsageError("--method=model needs --checkpoint")
-    configs = []
+    stored = []
     for path in paths:
         if not os.path.exists(path) and not os.path.exists(f"{path}.index"):
             raise app.UsageError(f"--checkpoint: {path} does not exist")
         try:
-            configs.append(training.load_config(path)[0])
+            stored.append(configs.load_config(path)[0])
         except ValueError as error:
             raise app.UsageError(f"--checkpoint: {error}") from None
-    base = configs[0] if configs else {}
+    base = stored[0] if stored else {}
     data_config = _data_config(base)
     regression = data_config["data"] == "sinusoid"
     if regression and FLAGS.method != "model":
         raise app.UsageError("--method=nn/class_mean classify images; sinusoids need --method=model")
-    for config in configs[1:]:
+    for config in stored[1:]:
         if (config["loss"] == "mse") != regression:
             raise app.UsageError("--checkpoint: cannot score regression and classification "
                                  "checkpoints on the same episodes")
@@ -123,9 +123,9 @@ def main(argv):
                                    FLAGS.num_episodes)
         _report(f"pixel {FLAGS.method}", result, dict(settings, method=FLAGS.method))
         return
-    for path, config in zip(paths, configs):
+    for path, config in zip(paths, stored):
         learner = training.make_learner(config, jit_compile=FLAGS.jit)
-        state, info, found = training.restore_state(learner, path)
+        state, info, found = checkpoints.restore_state(learner, path)
         for steps in _inner_steps(config):
             try:
                 evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,

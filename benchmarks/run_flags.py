@@ -7,9 +7,9 @@ import os
 
 from absl import flags
 
-from functional_meta import training
+from functional_meta import configs
 
-flags.DEFINE_enum("data", None, list(training.DATA_SOURCES),
+flags.DEFINE_enum("data", None, list(configs.DATA_SOURCES),
                   "Data source; default: the preset's (fm-eval: the checkpoint's). 'sinusoid' is "
                   "the MAML regression task.")
 flags.DEFINE_string("data_path", None,

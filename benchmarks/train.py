@@ -20,20 +20,20 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from benchmarks import common, run_flags
-from functional_meta import distribute, presets, training
+from functional_meta import checkpoints, configs, distribute, presets, training
 
 FLAGS = flags.FLAGS
 
 flags.adopt_module_key_flags(run_flags)
 
 # Algorithm and hyper-parameters (None = the preset's value).
-flags.DEFINE_enum("algorithm", None, list(training.ALGORITHMS),
+flags.DEFINE_enum("algorithm", None, list(configs.ALGORITHMS),
                   "Required. maml (second order), fomaml (first order), metasgd (learned per-weight inner "
                   "rates), protonet, or pretrain (the sinusoid baseline: regress on the mixture of "
                   "tasks, fine-tune at test time).")
 flags.DEFINE_enum("preset", None, sorted(presets.PRESETS), "Published configuration the other "
                   "flags start from; default: chosen from --algorithm and --data.")
-flags.DEFINE_enum("lr_mode", None, list(training.LR_MODES), "MAML inner learning rates: fixed, "
+flags.DEFINE_enum("lr_mode", None, list(configs.LR_MODES), "MAML inner learning rates: fixed, "
                   "metasgd (per weight) or lslr (MAML++ per layer and step); default fixed.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the training episodes (validation "
                      "episodes use seed + 1).", lower_bound=0)
@@ -109,7 +109,7 @@ def config_from_flags():
                      inner_lr=FLAGS.inner_lr, outer_lr=FLAGS.outer_lr, channels=FLAGS.channels,
                      pool=FLAGS.pool, hidden=hidden)
     try:
-        config = training.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
+        config = configs.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
                                       lr_mode=FLAGS.lr_mode, metric=FLAGS.metric,
                                       lr_decay_every=FLAGS.lr_decay_every, lr_decay=FLAGS.lr_decay,
                                       augment_shift=FLAGS.augment_shift,
@@ -119,7 +119,7 @@ def config_from_flags():
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
         raise app.UsageError(f"--data={config['data']} needs --data_path")
-    config.update(data_path=training.absolute_data_path(FLAGS.data_path), rotations=FLAGS.rotations,
+    config.update(data_path=configs.absolute_data_path(FLAGS.data_path), rotations=FLAGS.rotations,
                   train_groups=FLAGS.train_groups, val_groups=FLAGS.val_groups,
                   test_groups=FLAGS.test_groups, exclude_groups=FLAGS.exclude_groups,
                   split=[float(f) for f in FLAGS.split], val_fraction=FLAGS.val_fraction,
@@ -133,14 +133,14 @@ def _draw(out_dir, config, learner, checkpoints_kept, held_out):
                                    os.path.join(out_dir, "learning_curves.png"),
                                    title=f"{config['algorithm']} ({config['preset']})")]
     if config["data"] == "sinusoid":
-        state, _, _ = training.restore_state(learner, out_dir)
+        state, _, _ = checkpoints.restore_state(learner, out_dir)
         curves = training.sinusoid_curves(learner, state, steps=(1, 10), k_shot=config["k_shot"])
         drawn.append(plots.sinusoid(curves, os.path.join(out_dir, "sinusoid.png"),
                                     title=f"{config['algorithm']}, K={config['k_shot']}"))
     if config["algorithm"] == "protonet" and held_out is not None and len(held_out):
         panels = []
         for path in checkpoints_kept:
-            state, info, _ = training.restore_state(learner, path)
+            state, info, _ = checkpoints.restore_state(learner, path)
             x, labels = training.embed_classes(learner, state, held_out)
             panels.append((f"step {info['step']}", x, labels))
         drawn.append(plots.embeddings(panels, os.path.join(out_dir, "embeddings.png")))
@@ -157,7 +157,7 @@ def main(argv):
     # First TensorFlow call: multi-worker collectives must be configured before any other.
     strategy = common.make_strategy(FLAGS.strategy, FLAGS.logical_cpus)
     config = config_from_flags()
-    if training.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
+    if checkpoints.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
         raise app.UsageError(f"--out_dir={FLAGS.out_dir} already holds checkpoints: pass --resume "
                              "to continue that run, or choose another --out_dir")
     try:
@@ -187,7 +187,7 @@ def main(argv):
         raise app.UsageError(f"bad flags (--strategy/--meta_batch/--task_chunk): {error}") from None
     sampler = training.make_sampler(train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
                                     q_query=config["q_query"], meta_batch=config["meta_batch"],
-                                    seed=FLAGS.seed, **training.augment_options(config))
+                                    seed=FLAGS.seed, **configs.augment_options(config))
     validate = None
     if FLAGS.val_every:
         val_sampler = training.make_sampler(val_classes, n_way=val_n_way, k_shot=config["k_shot"],
@@ -213,7 +213,7 @@ def main(argv):
                                     checkpoint_every=FLAGS.checkpoint_every, keep=FLAGS.keep,
                                     validate=validate, val_every=FLAGS.val_every,
                                     resume=FLAGS.resume, restore_from=FLAGS.out_dir)
-    except training.NonFiniteError as error:
+    except checkpoints.NonFiniteError as error:
         sys.exit(f"fm-train: stopped: {error}")
     except ValueError as error:          # e.g. an existing run without --resume
         sys.exit(f"fm-train: {error}")
@@ -222,7 +222,7 @@ def main(argv):
     print(f"trained {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
           f"best validation: {best}; last checkpoint: {result.checkpoint}")
     if FLAGS.plots:
-        kept = training.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()
+        kept = checkpoints.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()
         _draw(FLAGS.out_dir, config, learner, list(reversed(kept)),
               test_classes if test_classes is not None and len(test_classes) else val_classes)
 

@@ -1,10 +1,7 @@
 """Meta-training and evaluation loops shared by every algorithm, with explicit arguments only.
 
-The pieces, in the order a binary uses them:
+The pieces, in the order a binary uses them (after ``configs.make_config``):
 
-- ``make_config``: a preset (``functional_meta.presets``) plus the algorithm and any overrides, checked
-  once, before anything is compiled. The config is a plain JSON-able dict and is stored next to the
-  checkpoints (``config.json``) so evaluation can rebuild the network.
 - ``meta_splits``: disjoint meta-train/val/test classes, by alphabet (group) lists or by fractions.
 - ``make_sampler``: an episode sampler for image classes or sinusoid tasks; batch ``i`` is a pure
   function of ``(seed, i)``, so the sampler's whole state is the number of consumed batches.
@@ -12,22 +9,14 @@ The pieces, in the order a binary uses them:
   of MAML / FOMAML / Meta-SGD / MAML++ LSLR / ProtoNet, or the jointly pretrained sinusoid baseline.
 - ``make_evaluator`` and ``evaluate``: per-episode accuracy (or MSE) over held-out episodes and the
   95% interval of their mean; ``pixel_baseline`` is nearest neighbour on raw pixels.
-- ``train``: the loop, with progress lines, TensorBoard summaries, validation, best/latest checkpoints,
-  exact resume and a stop on the first non-finite loss.
-
-Checkpoints (``tf.train.CheckpointManager``) hold the state (weights, optimiser state, inner learning
-rates), the step, the sampler's seed and next batch, and the best validation score so far. A save
-writes the tensors to ``<prefix>_temp/``, merges them into ``<prefix>.index``/``.data-*`` and only
-then rewrites the ``checkpoint`` state file, atomically (a temporary file renamed over the old one).
-A process killed at any moment therefore leaves the state file naming only complete checkpoints;
-``Checkpoints.restore`` additionally falls back to the previous listed checkpoint if the newest one
-cannot be read, so a damaged file never ends a run.
+- ``train``: the loop, with progress lines, TensorBoard summaries, validation, best/latest
+  checkpoints (``functional_meta.checkpoints``), exact resume and a stop on the first non-finite
+  loss.
 """
 
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -38,179 +27,12 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 from functional_meta import data as data_lib
-from functional_meta import distribute, episodes, maml, metrics, optim, presets, protonet
+from functional_meta import (checkpoints, configs, distribute, episodes, maml, metrics, optim,
+                             presets, protonet)
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "protonet", "pretrain")
-LR_MODES = ("fixed", "metasgd", "lslr")
-DATA_SOURCES = data_lib.SOURCES + ("sinusoid",)
-CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
-# Fields that may change when a run is resumed (everything else must match the stored config).
-RUN_FIELDS = ("steps",)
-# Config fields added after runs were first stored, with the value that earlier runs had: a
-# config.json without them resumes as if it held these.
-LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "augment_rotate": 0.0,
-                  "augment_scale": 0.0}
-AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 # Episodes per evaluation batch (validation and test); the last batch is cut to the count asked.
 EVAL_BATCH = 25
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-def default_preset(algorithm, data=None):
-    """The preset a binary starts from when ``--preset`` is not given."""
-    if algorithm == "protonet":
-        return "protonet_omniglot"
-    if algorithm == "pretrain" or data == "sinusoid":
-        return "maml_sinusoid"
-    if data in ("mnist", "mnist_tfds"):
-        return "maml_mnist_mlp"
-    return "maml_omniglot_5way"
-
-
-def _check_positive_int(config, *names):
-    for name in names:
-        value = config.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_positive_float(config, *names):
-    for name in names:
-        value = config.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
-                lr_decay_every=0, lr_decay=0.5, augment_shift=0, augment_rotate=0.0,
-                augment_scale=0.0, **overrides):
-    """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
-    ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
-    ``None`` overrides keep the preset's value.
-
-    ``lr_decay_every`` (0: constant rate) and ``lr_decay``: the meta-optimiser's rate ``outer_lr``
-    is multiplied by ``lr_decay`` every ``lr_decay_every`` steps (``optim.step_decay``; ProtoNet's
-    paper halves it every 2000 episodes). ``augment_shift``, ``augment_rotate``, ``augment_scale``:
-    training episodes' images move by up to this many pixels, rotate by up to this many degrees,
-    scale by up to this fraction (``episodes.EpisodeSampler``); validation and test episodes never
-    do.
-
-    ``algorithm``: ``maml`` (second order), ``fomaml``, ``metasgd`` (learned per-weight inner rates),
-    ``protonet``, or ``pretrain`` (the sinusoid baseline: one network regressed on the mixture of
-    tasks, fine-tuned at test time like MAML). ``lr_mode='lslr'`` with ``maml`` gives MAML++'s
-    per-layer per-step learned rates.
-    """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
-    preset = preset or default_preset(algorithm, data)
-    if preset not in presets.PRESETS:
-        raise ValueError(f"preset must be one of {sorted(presets.PRESETS)}, got {preset!r}")
-    config = presets.get(preset, **{k: v for k, v in overrides.items() if k in presets.PRESETS[preset]
-                                    or k in ("hidden", "channels", "pool", "test_n_way")})
-    unknown = sorted(k for k, v in overrides.items() if k not in config and v is not None)
-    if unknown:
-        raise ValueError(f"preset {preset!r} has no field(s) {unknown}")
-    family = "protonet" if algorithm == "protonet" else "maml"
-    if config["family"] != family:
-        raise ValueError(f"preset={preset!r} is a {config['family']} preset but algorithm="
-                         f"{algorithm!r} needs a {family} preset")
-    if algorithm == "metasgd":
-        if lr_mode not in (None, "metasgd"):
-            raise ValueError(f"algorithm='metasgd' learns per-weight rates; lr_mode={lr_mode!r} "
-                             "contradicts it (leave lr_mode unset)")
-        lr_mode = "metasgd"
-    lr_mode = lr_mode or "fixed"
-    if lr_mode not in LR_MODES:
-        raise ValueError(f"lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
-    if family == "protonet" and lr_mode != "fixed":
-        raise ValueError("lr_mode applies to MAML's inner loop; protonet has none")
-    if algorithm == "pretrain" and lr_mode != "fixed":
-        raise ValueError("algorithm='pretrain' fine-tunes with a fixed inner_lr; leave lr_mode unset")
-    if metric not in protonet.METRICS:
-        raise ValueError(f"metric must be one of {list(protonet.METRICS)}, got {metric!r}")
-    config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
-                  first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
-                  lr_decay=lr_decay, augment_shift=augment_shift, augment_rotate=augment_rotate,
-                  augment_scale=augment_scale)
-    if data is not None:
-        config["data"] = data
-    check_config(config)
-    return json.loads(json.dumps(config))        # tuples -> lists: the same dict config.json holds
-
-
-def check_config(config):
-    """Raises ``ValueError`` naming the field (the binaries' flag of the same name) if a config
-    cannot be trained; run before anything is loaded or compiled."""
-    if config.get("data") not in DATA_SOURCES:
-        raise ValueError(f"data must be one of {list(DATA_SOURCES)}, got {config.get('data')!r}")
-    regression = config.get("loss") == "mse"
-    if config["algorithm"] == "pretrain" and config["data"] != "sinusoid":
-        raise ValueError("algorithm='pretrain' is the sinusoid baseline; use data='sinusoid'")
-    if (config["data"] == "sinusoid") != regression:
-        raise ValueError(f"data={config['data']!r} does not fit preset={config.get('preset')!r} "
-                         f"(loss {config.get('loss')!r}): sinusoid data needs a regression preset "
-                         "(maml_sinusoid) and a regression preset needs data='sinusoid'")
-    if config["algorithm"] == "protonet" and regression:
-        raise ValueError("algorithm='protonet' classifies; it cannot train on sinusoid regression")
-    _check_positive_int(config, "n_way", "k_shot", "q_query", "meta_batch")
-    _check_positive_float(config, "outer_lr")
-    for name in ("lr_decay_every", "augment_shift"):
-        value = config.get(name, LATER_DEFAULTS[name])
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    decay = config.get("lr_decay", LATER_DEFAULTS["lr_decay"])
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-        raise ValueError(f"lr_decay must be in (0, 1] (the factor applied every lr_decay_every "
-                         f"steps), got {decay!r}")
-    episodes.check_warp(config.get("augment_rotate", 0.0), config.get("augment_scale", 0.0))
-    shape = tuple(config.get("image_shape", ()))
-    for name in AUGMENT_FIELDS:
-        if config.get(name) and (regression or len(shape) != 3):
-            raise ValueError(f"{name}={config[name]} augments images; data={config['data']!r} "
-                             "has none")
-    shift = config.get("augment_shift", 0)
-    if shift and shift >= min(shape[:2]):
-        raise ValueError(f"augment_shift={shift} must be smaller than the images "
-                         f"({shape[0]}x{shape[1]})")
-    if config["family"] == "maml":
-        _check_positive_int(config, "inner_steps", "test_inner_steps")
-        _check_positive_float(config, "inner_lr")
-    if config.get("test_n_way") is not None:
-        _check_positive_int(config, "test_n_way")
-    if config["net"] == "conv4":
-        _check_positive_int(config, "channels")
-        if config["pool"] not in ("stride", "max"):
-            raise ValueError(f"pool must be 'stride' or 'max', got {config['pool']!r}")
-    else:
-        hidden = config.get("hidden") or []
-        if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden must be a list of positive layer widths, got {hidden!r}")
-
-
-def save_config(out_dir, config):
-    """Writes ``config.json`` atomically (temporary file, then rename)."""
-    _atomic_write(Path(out_dir) / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
-
-
-def load_config(path):
-    """The config stored by ``train`` in ``path`` (a run folder, or any folder or checkpoint prefix
-    inside one: the nearest ``config.json`` above it)."""
-    path = Path(path).resolve()
-    for folder in [path] + list(path.parents):
-        if (folder / CONFIG_FILE).is_file():
-            return json.loads((folder / CONFIG_FILE).read_text()), folder
-    raise ValueError(f"no {CONFIG_FILE} in {path} or above it: is it a training output folder?")
-
-
-def _atomic_write(path, text):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def default_jit(algorithm):
@@ -353,12 +175,6 @@ def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_s
                                    augment_rotate=augment_rotate, augment_scale=augment_scale)
 
 
-def augment_options(config):
-    """The training sampler's ``augment_*`` keyword arguments of a config (defaults for a config
-    stored before they existed)."""
-    return {name: config.get(name, LATER_DEFAULTS[name]) for name in AUGMENT_FIELDS}
-
-
 # ----------------------------------------------------------------------------------------------
 # Learners and evaluation
 
@@ -380,7 +196,7 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
     (MAML-style algorithms; ``None``: ``default_task_chunk``): see ``maml.train_step_parts``; a
     speed setting with the same result, not part of the config.
     """
-    check_config(config)
+    configs.check_config(config)
     if task_chunk is not None and config["algorithm"] in ("protonet", "pretrain"):
         raise ValueError(f"task_chunk={task_chunk} needs a MAML-style algorithm")
     if jit_compile is None:
@@ -414,11 +230,11 @@ def outer_rate(config):
     """The meta-optimiser's rate: ``outer_lr``, or with ``lr_decay_every`` > 0 the schedule
     ``optim.step_decay(outer_lr, lr_decay_every, lr_decay)``, evaluated inside the compiled step
     from the Adam step count of the state."""
-    every = config.get("lr_decay_every", LATER_DEFAULTS["lr_decay_every"])
+    every = config.get("lr_decay_every", configs.LATER_DEFAULTS["lr_decay_every"])
     if not every:
         return config["outer_lr"]
     return optim.step_decay(config["outer_lr"], int(every),
-                            float(config.get("lr_decay", LATER_DEFAULTS["lr_decay"])))
+                            float(config.get("lr_decay", configs.LATER_DEFAULTS["lr_decay"])))
 
 
 def _pretrain_step(apply, outer_lr, jit_compile):
@@ -531,119 +347,7 @@ def pixel_evaluator(mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def all_finite(state):
-    """True if every floating tensor of ``state`` is finite."""
-    return all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in tf.nest.flatten(state)
-               if t.dtype.is_floating)
-
-
-class Checkpoints:
-    """Latest and best checkpoints of a run folder, for states shaped like ``template``.
-
-    ``directory/checkpoints/ckpt-<step>`` (the latest ``keep``) and ``directory/best/ckpt-<step>``
-    (the best by validation). Each holds the state, ``step``, the sampler's ``data_seed`` and
-    ``next_batch``, and the best validation score so far (``best_score``, higher is better, and
-    ``best_step``).
-    """
-
-    def __init__(self, directory, template, keep=5):
-        self.directory = Path(directory)
-        self.template = template
-        self._vars = {key: [tf.Variable(t, trainable=False) for t in tf.nest.flatten(value)]
-                      for key, value in template.items()}
-        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._data_seed = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._next_batch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._best_score = tf.Variable(-np.inf, dtype=tf.float64, trainable=False)
-        self._best_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
-        self._checkpoint = tf.train.Checkpoint(
-            state=self._vars, step=self._step, data_seed=self._data_seed,
-            next_batch=self._next_batch, best_score=self._best_score, best_step=self._best_step)
-        self.latest = tf.train.CheckpointManager(self._checkpoint, self.directory / "checkpoints",
-                                                 max_to_keep=keep)
-        self.best = tf.train.CheckpointManager(self._checkpoint, self.directory / "best",
-                                               max_to_keep=1)
-
-    def _assign(self, state, info):
-        for key, variables in self._vars.items():
-            for var, value in zip(variables, tf.nest.flatten(state[key])):
-                var.assign(value)
-        for name in ("step", "data_seed", "next_batch", "best_score", "best_step"):
-            getattr(self, "_" + name).assign(info[name])
-
-    def save(self, state, info, best=False):
-        """Saves ``state`` and ``info`` (step, data_seed, next_batch, best_score, best_step) as the
-        latest checkpoint, or as the best one; refuses a non-finite state."""
-        if not all_finite(state):
-            raise NonFiniteError(f"the state after step {info['step']} is not finite; "
-                                 "not saved", step=info["step"])
-        self._assign(state, info)
-        manager = self.best if best else self.latest
-        return manager.save(checkpoint_number=int(info["step"]))
-
-    def candidates(self, which="latest"):
-        """Listed checkpoint prefixes, newest first (only complete saves are ever listed)."""
-        manager = self.best if which == "best" else self.latest
-        return list(reversed(manager.checkpoints))
-
-    def restore(self, path=None, which="latest"):
-        """``(state, info, path)`` from ``path`` or, by default, the newest readable listed
-        checkpoint (an unreadable one is skipped with a warning); ``None`` if there is none."""
-        paths = [str(path)] if path else self.candidates(which)
-        for candidate in paths:
-            try:
-                status = self._checkpoint.restore(candidate)
-                status.assert_existing_objects_matched()
-                status.expect_partial()       # the save counter may stay unmatched; no warning
-            except Exception as error:      # damaged files fail in many ways (OpError, IndexError..)
-                if path:
-                    raise ValueError(f"cannot read checkpoint {candidate}: {error}") from None
-                logging.warning("skipping unreadable checkpoint %s: %s", candidate,
-                                str(error).splitlines()[0])
-                continue
-            state = {key: tf.nest.pack_sequence_as(self.template[key],
-                                                   [tf.identity(v) for v in self._vars[key]])
-                     for key in self.template}
-            info = {name: getattr(self, "_" + name).numpy().item()
-                    for name in ("step", "data_seed", "next_batch", "best_score", "best_step")}
-            return state, info, candidate
-        return None
-
-
-def has_checkpoints(out_dir):
-    """Whether ``out_dir`` holds a run's latest checkpoints (``train`` refuses to start over them
-    unless resuming)."""
-    return tf.train.latest_checkpoint(str(Path(out_dir) / "checkpoints")) is not None
-
-
-def restore_state(learner, path, which="best"):
-    """The state stored in a run folder (``which`` = ``'best'``, falling back to ``'latest'`` when
-    the run kept no best checkpoint) or at a checkpoint prefix ``path``; ``(state, info, path)``."""
-    config, folder = load_config(path)
-    checkpoints = Checkpoints(folder, learner.init(0), keep=None)
-    path = Path(path).resolve()
-    explicit = path if path != folder and Path(f"{path}.index").exists() else None
-    found = checkpoints.restore(explicit, which)
-    if found is None and which == "best" and explicit is None:
-        found = checkpoints.restore(None, "latest")
-    if found is None:
-        raise ValueError(f"no readable checkpoint in {folder}")
-    return found
-
-
-# ----------------------------------------------------------------------------------------------
 # The training loop
-
-
-class NonFiniteError(FloatingPointError):
-    """Training met a non-finite loss or state; ``step`` is the step (1-based) that produced it."""
-
-    def __init__(self, message, step):
-        super().__init__(message)
-        self.step = step
 
 
 @dataclasses.dataclass
@@ -692,26 +396,7 @@ def _trim_history(path, last_step):
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    _atomic_write(path, "".join(line + "\n" for line in kept))
-
-
-def absolute_data_path(data_path):
-    """``data_path`` with each ','-joined path made absolute (relative ones from the working
-    directory): a config then names the same files from any working directory (fm-eval,
-    ``--resume``), and a relative spelling of the same path is not a config change."""
-    return data_path and ",".join(os.path.abspath(p) for p in data_path.split(","))
-
-
-def _check_same_config(stored, config):
-    def get(values, k):
-        return values.get(k, LATER_DEFAULTS.get(k))
-    differ = sorted(k for k in set(stored) | set(config)
-                    if k not in RUN_FIELDS and get(stored, k) != get(config, k)
-                    and not (k == "data_path" and absolute_data_path(stored.get(k))
-                             == absolute_data_path(config.get(k))))
-    if differ:
-        changes = ", ".join(f"{k}: {get(stored, k)!r} -> {get(config, k)!r}" for k in differ)
-        raise ValueError(f"cannot resume: the run was started with a different config ({changes})")
+    configs.atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def _metadata(plugin):
@@ -767,29 +452,29 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     non-chief worker of a multi-worker run writes into a temporary ``out_dir`` and restores from
     the chief's folder (``distribute.checkpoint_directory``).
     """
-    _check_positive_int({"steps": steps, "log_every": log_every,
-                         "checkpoint_every": checkpoint_every}, "steps", "log_every",
-                        "checkpoint_every")
+    configs.check_positive_int({"steps": steps, "log_every": log_every,
+                                "checkpoint_every": checkpoint_every},
+                               "steps", "log_every", "checkpoint_every")
     if val_every and validate is None:
         raise ValueError("val_every > 0 needs a validate function")
     on_progress = on_progress or _log_progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = learner.init(seed)
-    checkpoints = Checkpoints(out, state, keep=keep)
+    store = checkpoints.Checkpoints(out, state, keep=keep)
     history = out / HISTORY_FILE
     info = {"step": 0, "data_seed": sampler.seed, "next_batch": 0, "best_score": -np.inf,
             "best_step": -1}
-    stored = (json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists()
-              else None)
-    source = checkpoints if restore_from is None else Checkpoints(Path(restore_from), state,
-                                                                    keep=keep)
+    config_file = out / configs.CONFIG_FILE
+    stored = json.loads(config_file.read_text()) if config_file.exists() else None
+    source = store if restore_from is None else checkpoints.Checkpoints(Path(restore_from), state,
+                                                                        keep=keep)
     if source.candidates():
         if not resume:
             raise ValueError(f"{out} already holds checkpoints; resume (--resume) or choose "
                              "another out_dir")
         if stored is not None:
-            _check_same_config(stored, learner.config)
+            configs.check_same_config(stored, learner.config)
         found = source.restore()
         if found is None:
             raise ValueError(f"no readable checkpoint in {source.directory}")
@@ -803,7 +488,7 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     else:
         _trim_history(history, 0)       # records of an earlier attempt that never checkpointed
         last_path = None
-    save_config(out, dict(learner.config, steps=steps))
+    configs.save_config(out, dict(learner.config, steps=steps))
     start = info["step"]
     losses = []
     best = None
@@ -839,8 +524,9 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
         loss = float(step_metrics["loss"])
         if not math.isfinite(loss):
             where = f"; the last good checkpoint is {last_path}" if last_path else ""
-            raise NonFiniteError(f"non-finite loss {loss} at step {step + 1}: training stopped, "
-                                 f"nothing of this step saved{where}", step=step + 1)
+            raise checkpoints.NonFiniteError(f"non-finite loss {loss} at step {step + 1}: training "
+                                             f"stopped, nothing of this step saved{where}",
+                                             step=step + 1)
         state, step = new_state, step + 1
         info = dict(info, step=step, next_batch=info["next_batch"] + 1)
         losses.append(loss)
@@ -862,10 +548,10 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
             emit({"split": "val", "step": step, **result}, writers.get("val"))
             if _score(result) > info["best_score"]:
                 info = dict(info, best_score=_score(result), best_step=step)
-                checkpoints.save(state, info, best=True)
+                store.save(state, info, best=True)
                 best = {"step": step, **result}
         if step % checkpoint_every == 0 or step == steps:
-            last_path = checkpoints.save(state, info)
+            last_path = store.save(state, info)
         if writers and step % log_every == 0:
             for writer in writers.values():
                 writer.flush()

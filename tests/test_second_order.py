@@ -1,7 +1,7 @@
 import numpy as np
 import tensorflow as tf
 
-from functional_meta import maml, nets, second_order
+from functional_meta import nets, second_order
 
 
 def linear_tasks(rng, t=3, n=6, d=3):

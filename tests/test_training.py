@@ -19,7 +19,8 @@ from absl.testing import flagsaver
 
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
-from functional_meta import data, episodes, metrics, plots, presets, training
+from functional_meta import (checkpoints, configs, data, episodes, metrics, plots, presets,
+                             training)
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
@@ -149,7 +150,7 @@ def test_protonet_learns_held_out_omniglot_alphabets(omniglot_paths, tmp_path, c
 
 
 def _tiny_maml(tmp_path, **options):
-    config = training.make_config('maml', data='synthetic', channels=4, image_shape=[8, 8, 1],
+    config = configs.make_config('maml', data='synthetic', channels=4, image_shape=[8, 8, 1],
                                   n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1,
                                   **options)
     classes = data.synthetic(8, 5, (8, 8, 1), seed=3)
@@ -157,7 +158,7 @@ def _tiny_maml(tmp_path, **options):
 
     def sampler():
         return training.make_sampler(classes, n_way=3, k_shot=1, q_query=2, meta_batch=2, seed=5,
-                                     **training.augment_options(config))
+                                     **configs.augment_options(config))
     return learner, sampler
 
 
@@ -187,7 +188,7 @@ def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options):
     assert len(whole.losses) == 6 and len(first.losses) == len(second.losses) == 3
     assert len(set(whole.losses)) == 6                       # the losses do change step to step
     assert first.losses + second.losses == whole.losses      # exactly equal
-    restored = [training.Checkpoints(tmp_path / run, learner.init(0)).restore()
+    restored = [checkpoints.Checkpoints(tmp_path / run, learner.init(0)).restore()
                 for run in ('a', 'b')]
     assert restored[0][1] == restored[1][1]                  # step, next batch, seeds
     assert restored[1][1]['step'] == 6 and restored[1][1]['next_batch'] == 6
@@ -237,21 +238,21 @@ def _digests(folder):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    config = training.make_config('maml', data='sinusoid', hidden=[8], meta_batch=4)
+    config = configs.make_config('maml', data='sinusoid', hidden=[8], meta_batch=4)
     learner = training.make_learner(config, jit_compile=False)
     common = dict(log_every=5, checkpoint_every=5, summaries=False, on_progress=lambda r: None)
     training.train(learner, _NaNAt(5, 4, 10, 10), out_dir=tmp_path, steps=5, **common)
     before = _digests(tmp_path / 'checkpoints')
-    with pytest.raises(training.NonFiniteError, match='at step 6') as caught:
+    with pytest.raises(checkpoints.NonFiniteError, match='at step 6') as caught:
         training.train(learner, _NaNAt(5, 4, 10, 10), out_dir=tmp_path, steps=20, resume=True,
                        **common)
     assert caught.value.step == 6 and 'ckpt-5' in str(caught.value)
     assert _digests(tmp_path / 'checkpoints') == before
-    state, info, path = training.Checkpoints(tmp_path, learner.init(0)).restore()
-    assert path.endswith('ckpt-5') and info['step'] == 5 and training.all_finite(state)
+    state, info, path = checkpoints.Checkpoints(tmp_path, learner.init(0)).restore()
+    assert path.endswith('ckpt-5') and info['step'] == 5 and checkpoints.all_finite(state)
     bad = dict(state, weights=[w * np.nan for w in state['weights']])
-    with pytest.raises(training.NonFiniteError, match='not finite'):
-        training.Checkpoints(tmp_path, learner.init(0)).save(bad, dict(info, step=6))
+    with pytest.raises(checkpoints.NonFiniteError, match='not finite'):
+        checkpoints.Checkpoints(tmp_path, learner.init(0)).save(bad, dict(info, step=6))
     assert _digests(tmp_path / 'checkpoints') == before
 
 
@@ -296,19 +297,19 @@ def test_killed_run_leaves_a_readable_checkpoint(tmp_path):
     finally:
         process.kill()
         process.wait()
-    config, _ = training.load_config(tmp_path)
+    config, _ = configs.load_config(tmp_path)
     learner = training.make_learner(config, jit_compile=False)
-    checkpoints = training.Checkpoints(tmp_path, learner.init(0))
-    state, info, path = checkpoints.restore()
+    store = checkpoints.Checkpoints(tmp_path, learner.init(0))
+    state, info, path = store.restore()
     assert path.endswith(f"ckpt-{info['step']}") and info['step'] >= 3
-    assert info['next_batch'] == info['step'] and training.all_finite(state)
+    assert info['next_batch'] == info['step'] and checkpoints.all_finite(state)
 
     # A partial checkpoint that was never listed, and a listed newest one that is damaged.
     (tmp_path / 'checkpoints' / f"ckpt-{info['step'] + 1}.index").write_bytes(b'partial')
     data_file = Path(f'{path}.data-00000-of-00001')
     data_file.write_bytes(data_file.read_bytes()[:len(data_file.read_bytes()) // 2])
-    _, older, older_path = checkpoints.restore()
-    assert older['step'] < info['step'] and older_path in checkpoints.candidates()
+    _, older, older_path = store.restore()
+    assert older['step'] < info['step'] and older_path in store.candidates()
 
     sampler = training.make_sampler(None, n_way=1, k_shot=config['k_shot'],
                                     q_query=config['q_query'], meta_batch=config['meta_batch'],
@@ -329,11 +330,11 @@ def test_resume_accepts_another_spelling_of_the_same_data_path(tmp_path, monkeyp
               '--q_query=1', '--meta_batch=2', '--nojit', '--val_every=0', '--log_every=1',
               '--checkpoint_every=1', f'--out_dir={tmp_path / "run"}']
     run_binary(train_bin, flags_ + ['--data_path=mnist.npz', '--steps=1'])
-    config, _ = training.load_config(tmp_path / 'run')
+    config, _ = configs.load_config(tmp_path / 'run')
     assert config['data_path'] == str(tmp_path / 'mnist.npz')      # stored absolute
     run_binary(train_bin, flags_ + [f'--data_path={tmp_path}/./mnist.npz', '--steps=2', '--resume'])
     # A run whose config.json holds a relative path (as fm-train stored it before) resumes too.
-    stored = tmp_path / 'run' / training.CONFIG_FILE
+    stored = tmp_path / 'run' / configs.CONFIG_FILE
     # It also lacks the fields added since (lr schedule, augmentation): they read as their
     # defaults, so the run resumes; asking for another value is a config change.
     old = json.loads(stored.read_text())
@@ -355,7 +356,7 @@ def test_augmentation_only_for_the_training_sampler(tmp_path, monkeypatch):
     make_sampler = training.make_sampler
 
     def recording(classes, **kwargs):
-        calls.append(tuple(kwargs.get(name, 0) for name in training.AUGMENT_FIELDS))
+        calls.append(tuple(kwargs.get(name, 0) for name in configs.AUGMENT_FIELDS))
         return make_sampler(classes, **kwargs)
     monkeypatch.setattr(training, 'make_sampler', recording)
     out = tmp_path / 'run'
@@ -365,8 +366,8 @@ def test_augmentation_only_for_the_training_sampler(tmp_path, monkeypatch):
                            '--val_every=2', '--val_episodes=2', '--nojit',
                            f'--out_dir={out}'])
     assert calls == [(2, 10.0, 0.1), (0, 0, 0)]             # training, then validation
-    config = training.load_config(out)[0]
-    assert [config[name] for name in training.AUGMENT_FIELDS] == [2, 10, 0.1]
+    config = configs.load_config(out)[0]
+    assert [config[name] for name in configs.AUGMENT_FIELDS] == [2, 10, 0.1]
     calls.clear()
     run_binary(eval_bin, [f'--checkpoint={out}', '--num_episodes=2', '--q_query=1', '--nojit'])
     assert calls == [(0, 0, 0)]
