@@ -529,8 +529,9 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
     """The benchmark of one configuration; prints the table and, with ``--json``, a JSON line.
 
     ``build_step(config, jit_compile, strategy) -> (step, state, flops_per_step, algorithm)``
-    builds the family's step (split over ``strategy``'s replicas unless it is ``None``) ``step(state, batch) -> (state, {'loss', ...})``, its initial state, the analytic
-    FLOPs of one step (``functional_meta.flops``) and a dict of algorithm settings to report.
+    builds the family's step ``step(state, batch) -> (state, {'loss', ...})`` (split over
+    ``strategy``'s replicas unless it is ``None``), its initial state, the analytic FLOPs of one
+    step (``functional_meta.flops``) and a dict of algorithm settings to report.
     Returns the record (the JSON line's content).
     """
     fv = flag_values
