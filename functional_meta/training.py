@@ -446,7 +446,8 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     ``resume=True`` continues from the newest readable checkpoint with the same weights, optimiser
     state, inner rates and batch index, so (with op determinism on) the losses equal those of an
     uninterrupted run; without it a folder that already holds checkpoints is refused. A non-finite
-    loss raises ``NonFiniteError`` naming the step before anything of that step is saved.
+    loss raises ``checkpoints.NonFiniteError`` naming the step before anything of that step is
+    saved.
 
     ``restore_from``: the run folder whose checkpoints ``resume`` reads (default ``out_dir``). A
     non-chief worker of a multi-worker run writes into a temporary ``out_dir`` and restores from
