@@ -110,11 +110,11 @@ def config_from_flags():
                      pool=FLAGS.pool, hidden=hidden)
     try:
         config = configs.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
-                                      lr_mode=FLAGS.lr_mode, metric=FLAGS.metric,
-                                      lr_decay_every=FLAGS.lr_decay_every, lr_decay=FLAGS.lr_decay,
-                                      augment_shift=FLAGS.augment_shift,
-                                      augment_rotate=FLAGS.augment_rotate,
-                                      augment_scale=FLAGS.augment_scale, **overrides)
+                                     lr_mode=FLAGS.lr_mode, metric=FLAGS.metric,
+                                     lr_decay_every=FLAGS.lr_decay_every, lr_decay=FLAGS.lr_decay,
+                                     augment_shift=FLAGS.augment_shift,
+                                     augment_rotate=FLAGS.augment_rotate,
+                                     augment_scale=FLAGS.augment_scale, **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:

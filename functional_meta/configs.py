@@ -22,7 +22,7 @@ CONFIG_FILE = "config.json"
 # Fields that may change when a run is resumed (everything else must match the stored config).
 RUN_FIELDS = ("steps",)
 # Config fields added after runs were first stored, with the value that earlier runs had: a
-# config.json without them resumes as if it held these.
+# config.json without them reads as if it held these (``read_config``).
 LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "augment_rotate": 0.0,
                   "augment_scale": 0.0}
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
@@ -130,20 +130,20 @@ def check_config(config):
     check_positive_int(config, "n_way", "k_shot", "q_query", "meta_batch")
     _check_positive_float(config, "outer_lr")
     for name in ("lr_decay_every", "augment_shift"):
-        value = config.get(name, LATER_DEFAULTS[name])
+        value = config[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    decay = config.get("lr_decay", LATER_DEFAULTS["lr_decay"])
+    decay = config["lr_decay"]
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1] (the factor applied every lr_decay_every "
                          f"steps), got {decay!r}")
-    episodes.check_warp(config.get("augment_rotate", 0.0), config.get("augment_scale", 0.0))
+    episodes.check_warp(config["augment_rotate"], config["augment_scale"])
     shape = tuple(config.get("image_shape", ()))
     for name in AUGMENT_FIELDS:
-        if config.get(name) and (regression or len(shape) != 3):
+        if config[name] and (regression or len(shape) != 3):
             raise ValueError(f"{name}={config[name]} augments images; data={config['data']!r} "
                              "has none")
-    shift = config.get("augment_shift", 0)
+    shift = config["augment_shift"]
     if shift and shift >= min(shape[:2]):
         raise ValueError(f"augment_shift={shift} must be smaller than the images "
                          f"({shape[0]}x{shape[1]})")
@@ -173,8 +173,14 @@ def load_config(path):
     path = Path(path).resolve()
     for folder in [path] + list(path.parents):
         if (folder / CONFIG_FILE).is_file():
-            return json.loads((folder / CONFIG_FILE).read_text()), folder
+            return read_config(folder / CONFIG_FILE), folder
     raise ValueError(f"no {CONFIG_FILE} in {path} or above it: is it a training output folder?")
+
+
+def read_config(file):
+    """The config in the JSON ``file``, with any field added since it was stored
+    (``LATER_DEFAULTS``) at the value that runs had before the field existed."""
+    return {**LATER_DEFAULTS, **json.loads(Path(file).read_text())}
 
 
 def atomic_write(path, text):
@@ -186,9 +192,8 @@ def atomic_write(path, text):
 
 
 def augment_options(config):
-    """The training sampler's ``augment_*`` keyword arguments of a config (defaults for a config
-    stored before they existed)."""
-    return {name: config.get(name, LATER_DEFAULTS[name]) for name in AUGMENT_FIELDS}
+    """The training sampler's ``augment_*`` keyword arguments of a config."""
+    return {name: config[name] for name in AUGMENT_FIELDS}
 
 
 def absolute_data_path(data_path):
@@ -201,12 +206,10 @@ def absolute_data_path(data_path):
 def check_same_config(stored, config):
     """Raises ``ValueError`` listing the fields (other than ``RUN_FIELDS``) in which ``config``
     differs from the ``stored`` config of the run it would resume."""
-    def get(values, k):
-        return values.get(k, LATER_DEFAULTS.get(k))
     differ = sorted(k for k in set(stored) | set(config)
-                    if k not in RUN_FIELDS and get(stored, k) != get(config, k)
+                    if k not in RUN_FIELDS and stored.get(k) != config.get(k)
                     and not (k == "data_path" and absolute_data_path(stored.get(k))
                              == absolute_data_path(config.get(k))))
     if differ:
-        changes = ", ".join(f"{k}: {get(stored, k)!r} -> {get(config, k)!r}" for k in differ)
+        changes = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in differ)
         raise ValueError(f"cannot resume: the run was started with a different config ({changes})")

@@ -230,11 +230,10 @@ def outer_rate(config):
     """The meta-optimiser's rate: ``outer_lr``, or with ``lr_decay_every`` > 0 the schedule
     ``optim.step_decay(outer_lr, lr_decay_every, lr_decay)``, evaluated inside the compiled step
     from the Adam step count of the state."""
-    every = config.get("lr_decay_every", configs.LATER_DEFAULTS["lr_decay_every"])
+    every = config["lr_decay_every"]
     if not every:
         return config["outer_lr"]
-    return optim.step_decay(config["outer_lr"], int(every),
-                            float(config.get("lr_decay", configs.LATER_DEFAULTS["lr_decay"])))
+    return optim.step_decay(config["outer_lr"], int(every), float(config["lr_decay"]))
 
 
 def _pretrain_step(apply, outer_lr, jit_compile):
@@ -467,7 +466,7 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     info = {"step": 0, "data_seed": sampler.seed, "next_batch": 0, "best_score": -np.inf,
             "best_step": -1}
     config_file = out / configs.CONFIG_FILE
-    stored = json.loads(config_file.read_text()) if config_file.exists() else None
+    stored = configs.read_config(config_file) if config_file.exists() else None
     source = store if restore_from is None else checkpoints.Checkpoints(Path(restore_from), state,
                                                                         keep=keep)
     if source.candidates():

@@ -151,8 +151,8 @@ def test_protonet_learns_held_out_omniglot_alphabets(omniglot_paths, tmp_path, c
 
 def _tiny_maml(tmp_path, **options):
     config = configs.make_config('maml', data='synthetic', channels=4, image_shape=[8, 8, 1],
-                                  n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1,
-                                  **options)
+                                 n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1,
+                                 **options)
     classes = data.synthetic(8, 5, (8, 8, 1), seed=3)
     learner = training.make_learner(config, jit_compile=False)
 
