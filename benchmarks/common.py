@@ -563,12 +563,12 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
         "steps": fv.steps, "warmup": fv.warmup, **timing,
         **({"input_wait_s": None, "stalled_steps": 0} if fv.data == "synthetic" else {}),
         "stalled": fv.data != "synthetic" and timing["stalled_steps"] > 0,
-        "tasks_per_s": config["meta_batch"] / median,
         "flops_per_step": flops_per_step, "achieved_flops_per_s": flops_per_step / median,
         "matmul_flops_per_s": matmul, "matmul_size": matmul_size,
         "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
         "profile_dir": fv.profile_dir,
     }
+    record["tasks_per_s"], _ = throughput(record)
     print(format_report(record))
     if fv.json:
         print(json.dumps(record), flush=True)
