@@ -604,6 +604,21 @@ def timing_rows(r, first_call_note="trace + compile + run"):
     ]
 
 
+def report_reference(benchmark, header, config, timing, first_call_note=None, **extra):
+    """The record of a reference binary's run (fm-torch-reference, fm-tf-reference): printed as
+    ``header`` over the timing rows, and as a JSON line with ``--json``; ``extra`` fields are
+    added to it. ``timing`` is ``time_steps``' result."""
+    record = {"benchmark": benchmark, "preset": FLAGS.preset, "config": config, **extra,
+              "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+              **{k: timing[k] for k in ("first_call_s", "step_s", "loss")}}
+    per_s, unit = throughput(record)
+    record[f"{unit}_per_s"] = per_s
+    print(header + "\n" + format_rows(timing_rows(record, first_call_note)), flush=True)
+    if FLAGS.json:
+        print(json.dumps(record), flush=True)
+    return record
+
+
 def format_rows(rows):
     """``(name, text)`` rows as the benchmarks print them: names right-aligned."""
     return "\n".join(f"{name:>13}  {text}" for name, text in rows)

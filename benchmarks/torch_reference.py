@@ -16,8 +16,6 @@ tests/test_torch_reference.py checks in float64 against ``maml.meta_gradients`` 
 loss and gradient. Needs PyTorch: ``pip install -e '.[reference]'``. Not used by the library.
 """
 
-import json
-
 from absl import app, flags
 
 from benchmarks import common
@@ -177,19 +175,12 @@ def main(argv):
     # a side-by-side pair are measured alike.
     timing = common.time_steps(lambda state, batch: (state, {"loss": step()}), None,
                                lambda: None, FLAGS.steps, FLAGS.warmup)
-    record = {"benchmark": "torch_reference", "preset": FLAGS.preset, "config": config,
-              "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-              "steps": FLAGS.steps, "warmup": FLAGS.warmup, "first_call_s": timing["first_call_s"],
-              "step_s": timing["step_s"], "loss": timing["loss"]}
-    per_s, unit = common.throughput(record)
-    record[f"{unit}_per_s"] = per_s
-    print(f"PyTorch {torch.__version__} reference, {FLAGS.preset} "
-          f"({config['n_way']}-way {config['k_shot']}-shot {config['q_query']}-query, "
-          f"meta-batch {config['meta_batch']}), {torch.get_num_threads()} threads\n"
-          + common.format_rows(common.timing_rows(record, first_call_note=None)),
-          flush=True)
-    if FLAGS.json:
-        print(json.dumps(record), flush=True)
+    common.report_reference(
+        "torch_reference",
+        f"PyTorch {torch.__version__} reference, {FLAGS.preset} ({config['n_way']}-way "
+        f"{config['k_shot']}-shot {config['q_query']}-query, meta-batch {config['meta_batch']}), "
+        f"{torch.get_num_threads()} threads", config, timing,
+        torch_version=torch.__version__, threads=torch.get_num_threads())
 
 
 def run():

@@ -161,7 +161,8 @@ def test_flags_override_the_preset_and_unset_flags_keep_it():
 def test_console_scripts_point_at_run():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     for name, module in (("fm-maml-bench", "maml_bench"), ("fm-protonet-bench", "protonet_bench"),
-                         ("fm-sweep", "sweep"), ("fm-torch-reference", "torch_reference")):
+                         ("fm-sweep", "sweep"), ("fm-torch-reference", "torch_reference"),
+                         ("fm-tf-reference", "tf_reference")):
         assert scripts.get(name) == f"benchmarks.{module}:run"
         source = importlib.util.find_spec(f"benchmarks.{module}").origin
         assert "def run():" in Path(source).read_text()

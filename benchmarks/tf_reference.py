@@ -1,0 +1,136 @@
+"""The straightforward TensorFlow MAML step, for side-by-side comparisons with the library's.
+
+Besides the PyTorch step (fm-torch-reference), the MAML speed targets name what a researcher
+would write in TensorFlow without this library: a Python loop over the tasks, each adapted with its
+own nested ``GradientTape`` on an ordinary convolutional network (``tf.nn.conv2d``, fused batch
+norm), the second-order meta-gradient of the mean query loss and the Adam update, compiled with
+XLA (the whole meta-batch unrolled in one graph) or run eagerly as a tutorial writes it. This
+binary is that step on the CPU, for the conv4 MAML presets, on the same synthetic batch and from
+the same initial weights as fm-maml-bench, so that both can run back to back on the same machine:
+
+  fm-tf-reference                                 # config A (maml_omniglot_5way), XLA
+  fm-tf-reference --mode=eager --steps=3          # the tutorial's eager loop
+
+The network is the library's conv4 written plainly for one task's images at a time
+(``tf.nn.conv2d``, fused batch norm, ReLU, the dense head) over the library's weight list, from its
+initial weights; no Keras object can hide a weight from the tapes. tests/test_tf_reference.py
+checks in float64 that the loop's meta-gradient equals ``maml.meta_gradients``, and in float32
+that the fused batch norm is exact in second order. Not used by the library.
+"""
+
+import tensorflow as tf
+from absl import app, flags
+
+from benchmarks import common
+from functional_meta import nets, optim, presets
+
+FLAGS = flags.FLAGS
+MAML_PRESETS = sorted(name for name, c in presets.PRESETS.items()
+                      if c["family"] == "maml" and c["net"] == "conv4")
+
+
+def define_flags():
+    """The binary's flags, defined when it runs (not on import: the tests import this module
+    beside the other binaries, whose flags share names such as ``--n_way``)."""
+    flags.DEFINE_enum("preset", "maml_omniglot_5way", MAML_PRESETS,
+                      "Configuration to run (the conv4 MAML presets of functional_meta.presets).")
+    common.define_episode_flags("maml")
+    flags.DEFINE_integer("inner_steps", None, "Inner SGD steps; default: the preset's.",
+                         lower_bound=1)
+    flags.DEFINE_enum("mode", "xla", list(common.MODES),
+                      "xla: the step in tf.function(jit_compile=True), tasks unrolled; function: "
+                      "tf.function without XLA; eager: op by op, as the tutorial runs it.")
+    flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
+                         "synthetic batch (fm-maml-bench's, for the same --seed).", lower_bound=0)
+    common.define_benchmark_flags()
+
+
+def _batch_norm(x, scale, offset):
+    """Batch norm with the batch's statistics: TensorFlow's fused kernel (float32), or the same
+    function spelled out for float64, which that kernel lacks (the tests)."""
+    if x.dtype == tf.float32:
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, scale, offset, epsilon=nets.BN_EPSILON,
+                                                   is_training=True)
+        return y
+    centred = x - tf.reduce_mean(x, [0, 1, 2])
+    variance = tf.reduce_mean(tf.square(centred), [0, 1, 2])
+    return centred * tf.math.rsqrt(variance + nets.BN_EPSILON) * scale + offset
+
+
+def conv4(weights, x, pool):
+    """The library's ``nets.conv4`` (with a head) on one batch of NHWC images ``x``."""
+    stride = 2 if pool == "stride" else 1
+    for b in range(4):
+        kernel, scale, offset = weights[3 * b:3 * b + 3]
+        x = tf.nn.relu(_batch_norm(tf.nn.conv2d(x, kernel, stride, "SAME"), scale, offset))
+        if pool == "max":
+            x = tf.nn.max_pool2d(x, 2, 2, "VALID")
+    x = tf.reshape(x, [x.shape[0], -1])
+    return tf.matmul(x, weights[-2]) + weights[-1]
+
+
+def meta_gradients(weights, tasks, inner_lr, inner_steps, pool="stride"):
+    """The mean query loss after ``inner_steps`` SGD steps per task and its second-order gradient,
+    as a loop over the tasks, each with its own nested tape."""
+    def loss_fn(w, x, y):
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, conv4(w, x, pool)))
+
+    support_x, support_y, query_x, query_y = tasks
+    with tf.GradientTape() as outer:
+        outer.watch(weights)
+        losses = []
+        for i in range(support_x.shape[0]):
+            fast = list(weights)
+            for _ in range(inner_steps):
+                with tf.GradientTape() as inner:
+                    inner.watch(fast)
+                    support_loss = loss_fn(fast, support_x[i], support_y[i])
+                grads = inner.gradient(support_loss, fast)
+                fast = [w - inner_lr * g for w, g in zip(fast, grads)]
+            losses.append(loss_fn(fast, query_x[i], query_y[i]))
+        meta_loss = tf.add_n(losses) / len(losses)
+    return meta_loss, outer.gradient(meta_loss, weights)
+
+
+def make_train_step(config, mode):
+    """``step(state, tasks) -> (state, {'loss'})`` with ``state = (weights, adam_state)``."""
+    def step(state, tasks):
+        weights, opt = state
+        loss, grads = meta_gradients(weights, tasks, config["inner_lr"], config["inner_steps"],
+                                     config["pool"])
+        weights, opt = optim.adam_update(grads, weights, opt, config["outer_lr"])
+        return (weights, opt), {"loss": loss}
+
+    if mode == "eager":
+        return step
+    return tf.function(step, jit_compile=mode == "xla", autograph=False)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    overrides = {name: FLAGS[name].value for name in
+                 ("n_way", "k_shot", "q_query", "meta_batch", "inner_steps")}
+    config = presets.get(FLAGS.preset, **overrides)
+    tf.config.set_visible_devices([], "GPU")       # the CPU, as the side-by-side pairs
+    init, _ = presets.network(config)
+    weights = init(FLAGS.seed)
+    batch = tuple(tf.identity(a) for a in common.synthetic_batch(config, FLAGS.seed))
+    step = make_train_step(config, FLAGS.mode)
+    timing = common.time_steps(step, (weights, optim.adam_init(weights)), lambda: batch,
+                               FLAGS.steps, FLAGS.warmup, FLAGS.profile_dir)
+    common.report_reference(
+        "tf_reference",
+        f"Straightforward TensorFlow {tf.__version__} MAML, {FLAGS.preset} ({config['n_way']}-way "
+        f"{config['k_shot']}-shot {config['q_query']}-query, meta-batch {config['meta_batch']}, "
+        f"{config['inner_steps']} inner step(s)), mode={FLAGS.mode}, CPU", config, timing,
+        first_call_note="trace + compile + run", mode=FLAGS.mode, tf_version=tf.__version__)
+
+
+def run():
+    define_flags()
+    common.run_binary(main, __name__)
+
+
+if __name__ == "__main__":
+    run()
