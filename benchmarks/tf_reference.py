@@ -112,12 +112,12 @@ def main(argv):
     overrides = {name: FLAGS[name].value for name in
                  ("n_way", "k_shot", "q_query", "meta_batch", "inner_steps")}
     config = presets.get(FLAGS.preset, **overrides)
-    tf.config.set_visible_devices([], "GPU")       # the CPU, as the side-by-side pairs
+    common.choose_device("cpu")                     # the CPU, as the side-by-side pairs
     init, _ = presets.network(config)
     weights = init(FLAGS.seed)
-    batch = tuple(tf.identity(a) for a in common.synthetic_batch(config, FLAGS.seed))
+    next_batch, _ = common.input_batches(config, "synthetic", None, FLAGS.seed)
     step = make_train_step(config, FLAGS.mode)
-    timing = common.time_steps(step, (weights, optim.adam_init(weights)), lambda: batch,
+    timing = common.time_steps(step, (weights, optim.adam_init(weights)), next_batch,
                                FLAGS.steps, FLAGS.warmup, FLAGS.profile_dir)
     common.report_reference(
         "tf_reference",
