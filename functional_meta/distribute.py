@@ -138,7 +138,6 @@ class ShardedSampler:
     def __init__(self, sampler, tasks):
         self.sampler, self.tasks = sampler, tasks
         self.meta_batch = tasks.stop - tasks.start
-        self.global_meta_batch = sampler.meta_batch
 
     def batch(self, index):
         # The whole batch is drawn (its episodes come from one generator in sequence) and cut.

@@ -108,11 +108,6 @@ class EpisodeSampler(_IndexedSampler):
         episodes = [self._episode(rng) for _ in range(self.meta_batch)]
         return tuple(np.stack(column) for column in zip(*episodes))
 
-    def batch_indices(self, index):
-        """Image indices and labels of batch ``index``: ``(support_idx, support_y, query_idx,
-        query_y)``, each ``[B, ...]``; a pure function of ``(seed, index)``."""
-        return self._indices(np.random.default_rng([self.seed, int(index)]))
-
     def batch(self, index):
         """Batch number ``index`` as float images and int32 labels; does not change the state."""
         rng = np.random.default_rng([self.seed, int(index)])
