@@ -83,16 +83,23 @@ def _same_padding(size, stride):
 
 def _patches(x, stride, ones_column=False):
     """im2col of x [T, n, H, W, C] for a 3x3 'SAME' convolution: ``[T, n*H'*W', 9*C]``, H', W'.
-    ``ones_column`` appends a column of ones (``9*C + 1`` columns), in the same concatenation."""
+    ``ones_column`` appends a column of ones (``9*C + 1`` columns).
+
+    The nine shifted views are stacked on a new axis, not concatenated: the same values in the same
+    order, but TensorFlow differentiates a concatenation into slices whose own derivative (second
+    order, under XLA) is a chain of in-place updates of the whole patch tensor, one per view; a
+    stack's derivatives are an unstack and a stack. Config A's step ran 6-9% faster so (two
+    interleaved A/B runs)."""
     t, n, h, w, c = x.shape
     out_h, pad_h = _same_padding(h, stride)
     out_w, pad_w = _same_padding(w, stride)
     xp = tf.pad(x, [[0, 0], [0, 0], pad_h, pad_w, [0, 0]])
     cols = [xp[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
             for i in range(3) for j in range(3)]
+    patches = tf.reshape(tf.stack(cols, -2), [t, n * out_h * out_w, 9 * c])
     if ones_column:
-        cols.append(tf.ones_like(cols[0][..., :1]))
-    return tf.reshape(tf.concat(cols, -1), [t, n * out_h * out_w, -1]), out_h, out_w
+        patches = tf.concat([patches, tf.ones_like(patches[..., :1])], -1)
+    return patches, out_h, out_w
 
 
 def _row_mean(rows):
