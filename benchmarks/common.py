@@ -604,16 +604,49 @@ def timing_rows(r, first_call_note="trace + compile + run"):
     ]
 
 
-def report_reference(benchmark, header, config, timing, first_call_note=None, **extra):
+def time_interleaved(runs, next_batch, steps, warmup, per_round=3):
+    """Time several steps against each other on a machine whose speed drifts between runs.
+
+    ``runs`` maps a name to ``(step, state)``. Each step makes its first call and warm-up calls,
+    then all take turns, ``per_round`` calls at a time (who goes first rotates every round), until
+    each has made ``steps`` timed calls: a drift of the machine's speed then hits all of them
+    alike. Returns ``{name: timing}`` with ``time_steps``' ``first_call_s``, ``step_s``, ``loss``.
+    """
+    states = {name: state for name, (_, state) in runs.items()}
+
+    def one(name):
+        start = time.perf_counter()
+        states[name], metrics = runs[name][0](states[name], next_batch())
+        return float(metrics["loss"]), time.perf_counter() - start
+
+    first, times, losses = {}, {name: [] for name in runs}, {}
+    for name in runs:
+        logging.info("%s: first call (trace + compile + run) and warm-up", name)
+        losses[name], first[name] = one(name)
+        for _ in range(warmup - 1):
+            losses[name], _ = one(name)
+    names = list(runs)
+    for r in range(-(-steps // per_round)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(min(per_round, steps - len(times[name]))):
+                losses[name], took = one(name)
+                times[name].append(took)
+    return {name: {"first_call_s": first[name], "step_s": _stats(times[name]),
+                   "loss": losses[name]} for name in runs}
+
+
+def report_reference(benchmark, header, config, timing, first_call_note=None, more_rows=(),
+                     **extra):
     """The record of a reference binary's run (fm-torch-reference, fm-tf-reference): printed as
-    ``header`` over the timing rows, and as a JSON line with ``--json``; ``extra`` fields are
-    added to it. ``timing`` is ``time_steps``' result."""
+    ``header`` over the timing rows and ``more_rows``, and as a JSON line with ``--json``;
+    ``extra`` fields are added to it. ``timing`` is ``time_steps``' result."""
     record = {"benchmark": benchmark, "preset": FLAGS.preset, "config": config, **extra,
               "steps": FLAGS.steps, "warmup": FLAGS.warmup,
               **{k: timing[k] for k in ("first_call_s", "step_s", "loss")}}
     per_s, unit = throughput(record)
     record[f"{unit}_per_s"] = per_s
-    print(header + "\n" + format_rows(timing_rows(record, first_call_note)), flush=True)
+    print(header + "\n" + format_rows(timing_rows(record, first_call_note) + list(more_rows)),
+          flush=True)
     if FLAGS.json:
         print(json.dumps(record), flush=True)
     return record

@@ -10,6 +10,7 @@ the same initial weights as fm-maml-bench, so that both can run back to back on 
 
   fm-tf-reference                                 # config A (maml_omniglot_5way), XLA
   fm-tf-reference --mode=eager --steps=3          # the tutorial's eager loop
+  fm-tf-reference --interleaved --steps=30        # and the library's step, in alternating rounds
 
 The network is the library's conv4 written plainly for one task's images at a time
 (``tf.nn.conv2d``, fused batch norm, ReLU, the dense head) over the library's weight list, from its
@@ -22,7 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from benchmarks import common
-from functional_meta import nets, optim, presets
+from functional_meta import maml, nets, optim, presets, training
 
 FLAGS = flags.FLAGS
 MAML_PRESETS = sorted(name for name, c in presets.PRESETS.items()
@@ -40,6 +41,11 @@ def define_flags():
     flags.DEFINE_enum("mode", "xla", list(common.MODES),
                       "xla: the step in tf.function(jit_compile=True), tasks unrolled; function: "
                       "tf.function without XLA; eager: op by op, as the tutorial runs it.")
+    flags.DEFINE_bool("interleaved", False, "Also compile the library's step as fm-maml-bench runs "
+                      "it on the CPU (same batch and initial weights, default task chunks) and "
+                      "time both in alternating rounds of 3 steps, so that the machine's drift "
+                      "between runs hits both alike; prints the library's rows and the speedup "
+                      "(ratio of the median step times). Needs --mode=xla.")
     flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
                          "synthetic batch (fm-maml-bench's, for the same --seed).", lower_bound=0)
     common.define_benchmark_flags()
@@ -112,19 +118,45 @@ def main(argv):
     overrides = {name: FLAGS[name].value for name in
                  ("n_way", "k_shot", "q_query", "meta_batch", "inner_steps")}
     config = presets.get(FLAGS.preset, **overrides)
+    if FLAGS.interleaved and FLAGS.mode != "xla":
+        raise app.UsageError(f"--interleaved needs --mode=xla (got --mode={FLAGS.mode}): the "
+                             "library's step is XLA-compiled, as fm-maml-bench runs it on the CPU")
     common.choose_device("cpu")                     # the CPU, as the side-by-side pairs
-    init, _ = presets.network(config)
+    init, apply = presets.network(config)
     weights = init(FLAGS.seed)
     next_batch, _ = common.input_batches(config, "synthetic", None, FLAGS.seed)
     step = make_train_step(config, FLAGS.mode)
-    timing = common.time_steps(step, (weights, optim.adam_init(weights)), next_batch,
-                               FLAGS.steps, FLAGS.warmup, FLAGS.profile_dir)
+    state = (weights, optim.adam_init(weights))
+    extra, more_rows = {}, []
+    if FLAGS.interleaved:
+        chunk = training.default_task_chunk(config)
+        library = maml.make_train_step(apply, inner_steps=config["inner_steps"],
+                                       outer_lr=config["outer_lr"], task_chunk=chunk)
+        timings = common.time_interleaved(
+            {"reference": (step, state),
+             "library": (library, maml.init_state(weights, config["inner_lr"]))},
+            next_batch, FLAGS.steps, FLAGS.warmup)
+        timing, lib = timings["reference"], timings["library"]
+        speedup = timing["step_s"]["median"] / lib["step_s"]["median"]
+        lib_record = {"config": config, "steps": FLAGS.steps, "warmup": FLAGS.warmup, **lib}
+        extra = {"library": {**lib, "task_chunk": chunk,
+                             "tasks_per_s": common.throughput(lib_record)[0]},
+                 "speedup": speedup}
+        more_rows = [("library", f"functional_meta's step (task chunks of {chunk or 'all'}), "
+                                 "timed in alternating rounds of 3 steps with the one above"),
+                     *common.timing_rows(lib_record),
+                     ("speedup", f"{speedup:.3f}x (the reference's median step time over the "
+                                 "library's)")]
+    else:
+        timing = common.time_steps(step, state, next_batch, FLAGS.steps, FLAGS.warmup,
+                                   FLAGS.profile_dir)
     common.report_reference(
         "tf_reference",
         f"Straightforward TensorFlow {tf.__version__} MAML, {FLAGS.preset} ({config['n_way']}-way "
         f"{config['k_shot']}-shot {config['q_query']}-query, meta-batch {config['meta_batch']}, "
         f"{config['inner_steps']} inner step(s)), mode={FLAGS.mode}, CPU", config, timing,
-        first_call_note="trace + compile + run", mode=FLAGS.mode, tf_version=tf.__version__)
+        first_call_note="trace + compile + run", more_rows=more_rows, mode=FLAGS.mode,
+        tf_version=tf.__version__, **extra)
 
 
 def run():

@@ -259,3 +259,21 @@ def test_maml_bench_mirrored_strategy_reports_two_replicas():
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["strategy"] == "mirrored" and record["replicas"] == 2
     assert record["tasks_per_s"] > 0
+
+
+def test_time_interleaved_alternates_rounds_and_rotates_who_goes_first():
+    calls = []
+
+    def fake(name):
+        def step(state, batch):
+            calls.append(name)
+            return state + 1, {"loss": float(state)}
+        return step
+
+    timings = common.time_interleaved({"a": (fake("a"), 0), "b": (fake("b"), 10)},
+                                      lambda: None, steps=4, warmup=2, per_round=3)
+    # First call and one more warm-up call each, then rounds of 3 (a first, then b first).
+    assert calls == ["a", "a", "b", "b"] + ["a"] * 3 + ["b"] * 3 + ["b", "a"]
+    assert timings["a"]["loss"] == 5.0 and timings["b"]["loss"] == 15.0   # states kept apart
+    for timing in timings.values():
+        assert timing["first_call_s"] >= 0 and set(timing["step_s"]) == {"median", "min", "max", "iqr"}

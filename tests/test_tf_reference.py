@@ -68,7 +68,20 @@ def test_binary_reports_a_json_line(mode):
     assert "throughput" in result.stdout
 
 
+def test_binary_interleaves_the_library_step():
+    result = run_binary("--meta_batch=2", "--steps=1", "--interleaved", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    library = record["library"]
+    # Same batch, same initial weights, one Adam update each: the same loss to float32 noise.
+    assert library["loss"] == pytest.approx(record["loss"], rel=1e-4)
+    assert record["speedup"] == pytest.approx(record["step_s"]["median"] / library["step_s"]["median"])
+    assert library["tasks_per_s"] == pytest.approx(2 / library["step_s"]["median"])
+    assert "speedup" in result.stdout and "functional_meta's step" in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--interleaved", "--mode=eager"], "--interleaved"),
     (["--preset=protonet_omniglot"], "--preset"),
     (["--preset=maml_sinusoid"], "--preset"),
     (["--meta_batch=0"], "--meta_batch"),
