@@ -112,6 +112,28 @@ def make_train_step(config, mode):
     return tf.function(step, jit_compile=mode == "xla", autograph=False)
 
 
+def _interleaved_with_library(config, apply, weights, step, state, next_batch):
+    """``--interleaved``: the reference's timing, and the library's step (as fm-maml-bench runs it
+    on the CPU) timed in alternating rounds with it, as JSON fields and printed rows."""
+    chunk = training.default_task_chunk(config)
+    library = maml.make_train_step(apply, inner_steps=config["inner_steps"],
+                                   outer_lr=config["outer_lr"], task_chunk=chunk)
+    timings = common.time_interleaved(
+        {"reference": (step, state),
+         "library": (library, maml.init_state(weights, config["inner_lr"]))},
+        next_batch, FLAGS.steps, FLAGS.warmup)
+    timing, lib = timings["reference"], timings["library"]
+    speedup = timing["step_s"]["median"] / lib["step_s"]["median"]
+    lib_record = {"config": config, "steps": FLAGS.steps, "warmup": FLAGS.warmup, **lib}
+    extra = {"library": {**lib, "task_chunk": chunk,
+                         "tasks_per_s": common.throughput(lib_record)[0]}, "speedup": speedup}
+    rows = [("library", f"functional_meta's step (task chunks of {chunk or 'all'}), timed in "
+                        "alternating rounds of 3 steps with the one above"),
+            *common.timing_rows(lib_record),
+            ("speedup", f"{speedup:.3f}x (the reference's median step time over the library's)")]
+    return timing, extra, rows
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -121,6 +143,9 @@ def main(argv):
     if FLAGS.interleaved and FLAGS.mode != "xla":
         raise app.UsageError(f"--interleaved needs --mode=xla (got --mode={FLAGS.mode}): the "
                              "library's step is XLA-compiled, as fm-maml-bench runs it on the CPU")
+    if FLAGS.interleaved and FLAGS.profile_dir:
+        raise app.UsageError("--interleaved and --profile_dir: profile one step at a time "
+                             "(fm-tf-reference or fm-maml-bench with --profile_dir)")
     common.choose_device("cpu")                     # the CPU, as the side-by-side pairs
     init, apply = presets.network(config)
     weights = init(FLAGS.seed)
@@ -129,24 +154,8 @@ def main(argv):
     state = (weights, optim.adam_init(weights))
     extra, more_rows = {}, []
     if FLAGS.interleaved:
-        chunk = training.default_task_chunk(config)
-        library = maml.make_train_step(apply, inner_steps=config["inner_steps"],
-                                       outer_lr=config["outer_lr"], task_chunk=chunk)
-        timings = common.time_interleaved(
-            {"reference": (step, state),
-             "library": (library, maml.init_state(weights, config["inner_lr"]))},
-            next_batch, FLAGS.steps, FLAGS.warmup)
-        timing, lib = timings["reference"], timings["library"]
-        speedup = timing["step_s"]["median"] / lib["step_s"]["median"]
-        lib_record = {"config": config, "steps": FLAGS.steps, "warmup": FLAGS.warmup, **lib}
-        extra = {"library": {**lib, "task_chunk": chunk,
-                             "tasks_per_s": common.throughput(lib_record)[0]},
-                 "speedup": speedup}
-        more_rows = [("library", f"functional_meta's step (task chunks of {chunk or 'all'}), "
-                                 "timed in alternating rounds of 3 steps with the one above"),
-                     *common.timing_rows(lib_record),
-                     ("speedup", f"{speedup:.3f}x (the reference's median step time over the "
-                                 "library's)")]
+        timing, extra, more_rows = _interleaved_with_library(config, apply, weights, step, state,
+                                                             next_batch)
     else:
         timing = common.time_steps(step, state, next_batch, FLAGS.steps, FLAGS.warmup,
                                    FLAGS.profile_dir)

@@ -82,6 +82,7 @@ def test_binary_interleaves_the_library_step():
 
 @pytest.mark.parametrize("args, message", [
     (["--interleaved", "--mode=eager"], "--interleaved"),
+    (["--interleaved", "--profile_dir=/tmp/unused"], "--interleaved"),
     (["--preset=protonet_omniglot"], "--preset"),
     (["--preset=maml_sinusoid"], "--preset"),
     (["--meta_batch=0"], "--meta_batch"),
