@@ -174,8 +174,8 @@ def test_first_block_from_patch_statistics_matches_conv_then_batch_norm(stride, 
 
 def test_second_order_patches_compile_without_in_place_updates():
     """The patch tensors' second derivatives stay free of XLA in-place updates (dynamic-update-
-    slice): concatenated patches made a chain of nine per block, each over the whole tensor, and
-    ran config A's step 6-9% slower (nets._patches)."""
+    slice): concatenated patches made a chain of them per block, one per shifted view, and ran
+    config A's step 6-9% slower (nets._patches)."""
     channels = 8
     init, apply = nets.conv4(n_way=3, channels=channels, in_shape=(9, 9, 1))
     rng = np.random.default_rng(0)
