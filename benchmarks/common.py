@@ -482,6 +482,17 @@ def _stats(values):
             "iqr": float(q3 - q1)}
 
 
+def _timed_call(step, state, next_batch):
+    """One call of ``step`` on ``next_batch()``, forced to the host with ``float(loss)``:
+    ``(state, loss, input wait in s, whole call in s)``."""
+    start = time.perf_counter()
+    batch = next_batch()
+    got = time.perf_counter()
+    state, metrics = step(state, batch)
+    loss = float(metrics["loss"])
+    return state, loss, got - start, time.perf_counter() - start
+
+
 def time_steps(step, state, next_batch, steps, warmup, profile_dir=None):
     """Run ``step`` ``warmup + steps`` times, each forced to the host with ``float(loss)``.
 
@@ -492,12 +503,7 @@ def time_steps(step, state, next_batch, steps, warmup, profile_dir=None):
     run under the TensorFlow profiler.
     """
     def one(state):
-        start = time.perf_counter()
-        batch = next_batch()
-        got = time.perf_counter()
-        state, metrics = step(state, batch)
-        loss = float(metrics["loss"])
-        return state, loss, got - start, time.perf_counter() - start
+        return _timed_call(step, state, next_batch)
 
     logging.info("first call: trace + compile + run")
     state, loss, _, first = one(state)
@@ -604,7 +610,11 @@ def timing_rows(r, first_call_note="trace + compile + run"):
     ]
 
 
-def time_interleaved(runs, next_batch, steps, warmup, per_round=3):
+# Calls of each step in a row in ``time_interleaved``.
+INTERLEAVE_ROUND = 3
+
+
+def time_interleaved(runs, next_batch, steps, warmup, per_round=INTERLEAVE_ROUND):
     """Time several steps against each other on a machine whose speed drifts between runs.
 
     ``runs`` maps a name to ``(step, state)``. Each step makes its first call and warm-up calls,
@@ -615,9 +625,8 @@ def time_interleaved(runs, next_batch, steps, warmup, per_round=3):
     states = {name: state for name, (_, state) in runs.items()}
 
     def one(name):
-        start = time.perf_counter()
-        states[name], metrics = runs[name][0](states[name], next_batch())
-        return float(metrics["loss"]), time.perf_counter() - start
+        states[name], loss, _, took = _timed_call(runs[name][0], states[name], next_batch)
+        return loss, took
 
     first, times, losses = {}, {name: [] for name in runs}, {}
     for name in runs:

@@ -43,9 +43,10 @@ def define_flags():
                       "tf.function without XLA; eager: op by op, as the tutorial runs it.")
     flags.DEFINE_bool("interleaved", False, "Also compile the library's step as fm-maml-bench runs "
                       "it on the CPU (same batch and initial weights, default task chunks) and "
-                      "time both in alternating rounds of 3 steps, so that the machine's drift "
-                      "between runs hits both alike; prints the library's rows and the speedup "
-                      "(ratio of the median step times). Needs --mode=xla.")
+                      f"time both in alternating rounds of {common.INTERLEAVE_ROUND} steps, so "
+                      "that the machine's drift between runs hits both alike; prints the "
+                      "library's rows and the speedup (ratio of the median step times). Needs "
+                      "--mode=xla.")
     flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
                          "synthetic batch (fm-maml-bench's, for the same --seed).", lower_bound=0)
     common.define_benchmark_flags()
@@ -127,8 +128,9 @@ def _interleaved_with_library(config, apply, weights, step, state, next_batch):
     lib_record = {"config": config, "steps": FLAGS.steps, "warmup": FLAGS.warmup, **lib}
     extra = {"library": {**lib, "task_chunk": chunk,
                          "tasks_per_s": common.throughput(lib_record)[0]}, "speedup": speedup}
+    rounds = f"alternating rounds of {common.INTERLEAVE_ROUND} steps"
     rows = [("library", f"functional_meta's step (task chunks of {chunk or 'all'}), timed in "
-                        "alternating rounds of 3 steps with the one above"),
+                        f"{rounds} with the one above"),
             *common.timing_rows(lib_record),
             ("speedup", f"{speedup:.3f}x (the reference's median step time over the library's)")]
     return timing, extra, rows
