@@ -71,19 +71,25 @@ def directional_check(f, grads, weights, rng, directions=3, eps=1e-6):
 
 NETS = {
     "mlp": (lambda: nets.mlp([8 * 8, 6, 3], activation=tf.tanh, in_shape=(8, 8, 1))),
-    "conv4": (lambda: nets.conv4(n_way=3, channels=3, in_shape=(8, 8, 1), blocks=2)),
+    # Four channels: the first block runs from patch statistics, the second as patches times
+    # per-task kernels (at the first inner step, in a graph, as one product with the shared kernel).
+    "conv4": (lambda: nets.conv4(n_way=3, channels=4, in_shape=(8, 8, 1), blocks=2)),
 }
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
 @pytest.mark.parametrize("steps", [1, 3])
-def test_second_order_meta_gradient_matches_finite_differences(net, steps):
+@pytest.mark.parametrize("traced", [False, True])
+def test_second_order_meta_gradient_matches_finite_differences(net, steps, traced):
+    # Traced (tf.function) the products with the first step's shared weights run as single ones
+    # with their own gradient (nets._task_matmul); eagerly as tf.matmul. Both are checked here.
     rng = np.random.default_rng(steps)
     init, apply = NETS[net]()
     weights = init(0, F64)
     tasks = image_tasks(rng)
     kw = dict(inner_lr=0.3, inner_steps=steps)
-    _, grads = maml.meta_gradients(apply, weights, tasks, **kw)
+    fn = lambda w: maml.meta_gradients(apply, w, tasks, **kw)
+    _, grads = (tf.function(fn) if traced else fn)(weights)
     directional_check(lambda w: float(maml.meta_loss(apply, w, tasks, **kw)[0]), grads, weights, rng)
 
 
@@ -105,6 +111,28 @@ def test_first_order_meta_gradient_matches_its_definition(net, steps):
         return float(tf.reduce_mean(maml.cross_entropy(apply(shifted, tasks[2]), tasks[3])))
 
     directional_check(query_loss_at_adapted_plus, grads, weights, rng)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_products_with_shared_first_step_weights_change_no_digit(monkeypatch, first_order):
+    # In a graph, the first inner step's products with a broadcast of the shared weights run as one
+    # product with the shared tensor and their own gradient; eagerly, as one product per task.
+    # Float64: the meta-gradients must agree to rounding, and the graph must have taken that path.
+    tied = []
+    source = nets._broadcast_source
+    monkeypatch.setattr(nets, "_broadcast_source", lambda w: tied.append(source(w) is not None)
+                        or source(w))
+    init, apply = nets.conv4(n_way=3, channels=5, in_shape=(10, 10, 1), blocks=3)
+    weights, tasks = init(2, F64), image_tasks(np.random.default_rng(6), t=3, shape=(10, 10, 1))
+    fn = lambda w: maml.meta_gradients(apply, w, tasks, inner_lr=0.3, inner_steps=2,
+                                       first_order=first_order)
+    eager_loss, eager = fn(weights)
+    assert not any(tied)
+    graph_loss, graph = tf.function(fn)(weights)
+    assert sum(tied) == 3  # blocks 2 and 3 and the head, at the first of the two inner steps
+    np.testing.assert_allclose(graph_loss.numpy(), eager_loss.numpy(), rtol=1e-13)
+    for a, b in zip(graph, eager):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-14)
 
 
 def test_first_and_second_order_differ_on_nonlinear_net():
