@@ -5,7 +5,9 @@ A meta-batch is ``tasks = (support_x, support_y, query_x, query_y)``, each with 
 copies ``[T, *shape]`` and one gradient of the *sum* of the per-task losses gives every task its own
 gradient (task ``i``'s loss depends only on copy ``i``). The network's ``apply`` takes per-task
 weights natively (see ``functional_meta.nets``), so nothing loops over tasks and the step compiles
-to one XLA graph whose size does not grow with the meta-batch.
+to one XLA graph whose size does not grow with the meta-batch. At the first inner step the copies
+are a broadcast, which ``nets`` recognises in a traced graph: its products with them then run once
+on the shared tensor for all tasks.
 
 Inner learning rates (``inner_lr``) come in three forms sharing one code path:
 - a number: plain MAML's fixed alpha;
