@@ -120,8 +120,13 @@ def test_products_with_shared_first_step_weights_change_no_digit(monkeypatch, fi
     # Float64: the meta-gradients must agree to rounding, and the graph must have taken that path.
     tied = []
     source = nets._broadcast_source
-    monkeypatch.setattr(nets, "_broadcast_source", lambda w: tied.append(source(w) is not None)
-                        or source(w))
+
+    def spy(weight):
+        found = source(weight)
+        tied.append(found is not None)
+        return found
+
+    monkeypatch.setattr(nets, "_broadcast_source", spy)
     init, apply = nets.conv4(n_way=3, channels=5, in_shape=(10, 10, 1), blocks=3)
     weights, tasks = init(2, F64), image_tasks(np.random.default_rng(6), t=3, shape=(10, 10, 1))
     fn = lambda w: maml.meta_gradients(apply, w, tasks, inner_lr=0.3, inner_steps=2,
