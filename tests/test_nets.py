@@ -172,10 +172,64 @@ def test_first_block_from_patch_statistics_matches_conv_then_batch_norm(stride, 
         assert ("Conv2D" not in ops) == used
 
 
-def test_second_order_patches_compile_without_in_place_updates():
+def np_patches(x, stride):
+    """im2col with loops: x [T, n, H, W, C] -> [T, n*H'*W', 9*C], TF 'SAME' padding."""
+    t, n, h, w, c = x.shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + 3 - h, 0), max((ow - 1) * stride + 3 - w, 0)
+    xp = np.pad(x, [(0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)])
+    out = np.zeros([t, n, oh, ow, 9 * c])
+    for i in range(oh):
+        for j in range(ow):
+            window = xp[:, :, i * stride:i * stride + 3, j * stride:j * stride + 3, :]
+            out[:, :, i, j] = window.reshape(t, n, 9 * c)
+    return out.reshape(t, n * oh * ow, 9 * c)
+
+
+def np_col2im(u, x_shape, stride):
+    """The adjoint of ``np_patches``: each patch value is added back where it was read."""
+    t, n, h, w, c = x_shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + 3 - h, 0), max((ow - 1) * stride + 3 - w, 0)
+    xp = np.zeros([t, n, h + ph, w + pw, c])
+    u = u.reshape(t, n, oh, ow, 3, 3, c)
+    for i in range(oh):
+        for j in range(ow):
+            xp[:, :, i * stride:i * stride + 3, j * stride:j * stride + 3, :] += u[:, :, i, j]
+    return xp[:, :, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w, :]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(6, 6), (7, 5), (4, 9), (1, 2)])
+def test_patches_and_their_derivatives_match_reference_loops(size, stride):
+    # The patches, their gradient (col2im) and the gradient's own derivative (im2col again), for
+    # even and odd sizes: the stride-2 path builds them from phases of the image.
+    rng = np.random.default_rng(9)
+    shape = (2, 3) + size + (2,)
+    x = tf.constant(rng.normal(size=shape))
+    got, out_h, out_w = nets._patches(x, stride)
+    assert (out_h, out_w) == (-(-size[0] // stride), -(-size[1] // stride))
+    np.testing.assert_array_equal(got.numpy(), np_patches(x.numpy(), stride))
+    u = tf.constant(rng.normal(size=got.shape))
+    v = tf.constant(rng.normal(size=shape))
+    with tf.GradientTape() as outer:
+        outer.watch(u)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            patches = nets._patches(x, stride)[0]
+        col2im = inner.gradient(patches, x, output_gradients=u)
+    np.testing.assert_allclose(col2im.numpy(), np_col2im(u.numpy(), shape, stride), rtol=1e-12,
+                               atol=1e-12)
+    again = outer.gradient(col2im, u, output_gradients=v)
+    np.testing.assert_allclose(again.numpy(), np_patches(v.numpy(), stride), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_second_order_patches_compile_without_in_place_updates_or_interleaved_pads():
     """The patch tensors' second derivatives stay free of XLA in-place updates (dynamic-update-
     slice): concatenated patches made a chain of them per block, one per shifted view, and ran
-    config A's step 6-9% slower (nets._patches)."""
+    config A's step 6-9% slower (nets._patches). The gradients of stride-2 patches have no
+    zero-interleaved pads (a strided view's gradient, nine of them summed per input value)."""
     channels = 8
     init, apply = nets.conv4(n_way=3, channels=channels, in_shape=(9, 9, 1))
     rng = np.random.default_rng(0)
@@ -186,3 +240,8 @@ def test_second_order_patches_compile_without_in_place_updates():
     hlo = step.experimental_get_compiler_ir(init(0))(stage="optimized_hlo")
     updated = re.findall(r"= f32\[([0-9,]*)\][^=]*? dynamic-update-slice\(", hlo)
     assert updated == [] or all(int(shape.split(",")[-1]) != 9 * channels for shape in updated), updated
+    pads = re.findall(r" pad\([^)]*\), padding=([0-9_x-]+)", hlo)
+    assert pads, "no pad in the compiled step: the check below would pass vacuously"
+    interleaved = [p for p in pads if any(d.count("_") == 2 and d.split("_")[2] != "0"
+                                          for d in p.split("x"))]
+    assert interleaved == [], interleaved
