@@ -7,13 +7,18 @@ import tensorflow as tf
 from functional_meta import maml, nets
 
 
+def np_same_padding(size, stride):
+    """TF 'SAME' for a 3-wide window: the output size and the (before, after) padding."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + 3 - size, 0)
+    return out, (total // 2, total - total // 2)
+
+
 def np_conv3x3_same(x, k, stride):
     """Straightforward loops: x [n, H, W, C], k [3, 3, C, O], TF 'SAME' padding."""
     n, h, w, c = x.shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph = max((oh - 1) * stride + 3 - h, 0)
-    pw = max((ow - 1) * stride + 3 - w, 0)
-    xp = np.pad(x, [(0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)])
+    (oh, pad_h), (ow, pad_w) = np_same_padding(h, stride), np_same_padding(w, stride)
+    xp = np.pad(x, [(0, 0), pad_h, pad_w, (0, 0)])
     out = np.zeros([n, oh, ow, k.shape[-1]])
     for i in range(oh):
         for j in range(ow):
@@ -175,9 +180,8 @@ def test_first_block_from_patch_statistics_matches_conv_then_batch_norm(stride, 
 def np_patches(x, stride):
     """im2col with loops: x [T, n, H, W, C] -> [T, n*H'*W', 9*C], TF 'SAME' padding."""
     t, n, h, w, c = x.shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph, pw = max((oh - 1) * stride + 3 - h, 0), max((ow - 1) * stride + 3 - w, 0)
-    xp = np.pad(x, [(0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)])
+    (oh, pad_h), (ow, pad_w) = np_same_padding(h, stride), np_same_padding(w, stride)
+    xp = np.pad(x, [(0, 0), (0, 0), pad_h, pad_w, (0, 0)])
     out = np.zeros([t, n, oh, ow, 9 * c])
     for i in range(oh):
         for j in range(ow):
@@ -189,14 +193,13 @@ def np_patches(x, stride):
 def np_col2im(u, x_shape, stride):
     """The adjoint of ``np_patches``: each patch value is added back where it was read."""
     t, n, h, w, c = x_shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph, pw = max((oh - 1) * stride + 3 - h, 0), max((ow - 1) * stride + 3 - w, 0)
-    xp = np.zeros([t, n, h + ph, w + pw, c])
+    (oh, pad_h), (ow, pad_w) = np_same_padding(h, stride), np_same_padding(w, stride)
+    xp = np.zeros([t, n, h + sum(pad_h), w + sum(pad_w), c])
     u = u.reshape(t, n, oh, ow, 3, 3, c)
     for i in range(oh):
         for j in range(ow):
             xp[:, :, i * stride:i * stride + 3, j * stride:j * stride + 3, :] += u[:, :, i, j]
-    return xp[:, :, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w, :]
+    return xp[:, :, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w, :]
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -208,7 +211,7 @@ def test_patches_and_their_derivatives_match_reference_loops(size, stride):
     shape = (2, 3) + size + (2,)
     x = tf.constant(rng.normal(size=shape))
     got, out_h, out_w = nets._patches(x, stride)
-    assert (out_h, out_w) == (-(-size[0] // stride), -(-size[1] // stride))
+    assert (out_h, out_w) == tuple(np_same_padding(d, stride)[0] for d in size)
     np.testing.assert_array_equal(got.numpy(), np_patches(x.numpy(), stride))
     u = tf.constant(rng.normal(size=got.shape))
     v = tf.constant(rng.normal(size=shape))
