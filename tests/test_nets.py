@@ -228,6 +228,31 @@ def test_patches_and_their_derivatives_match_reference_loops(size, stride):
                                atol=1e-12)
 
 
+def test_kernel_gradients_compile_to_wide_products():
+    """Every kernel gradient of the compiled second-order meta-gradient is a wide product
+    ``[..., N, K]`` (N output channels, K = 9C patch values), transposed afterwards: XLA on CPU
+    runs the narrow ``[..., K, N]`` form of the same product about 1.6 times slower
+    (nets._kernel_gradient). The barrier that keeps XLA from folding the transpose back must
+    survive compilation as an identity: in float64 the compiled meta-gradients equal the
+    uncompiled ones to rounding."""
+    channels = 8
+    init, apply = nets.conv4(n_way=3, channels=channels, in_shape=(9, 9, 1))
+    rng = np.random.default_rng(0)
+    tasks = (tf.constant(rng.random([2, 3, 9, 9, 1])), tf.constant([[0, 1, 2]] * 2),
+             tf.constant(rng.random([2, 3, 9, 9, 1])), tf.constant([[2, 1, 0]] * 2))
+    fn = lambda w: maml.meta_gradients(apply, w, tasks, inner_lr=0.4, inner_steps=1)
+    step = tf.function(fn, jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(init(0, tf.float64))(stage="optimized_hlo")
+    outputs = [shape.split(",")[-2:] for shape in re.findall(r"= f64\[([0-9,]*)\]\S* dot\(", hlo)]
+    k, n = str(9 * channels), str(channels)
+    assert [k, n] not in outputs, "a kernel gradient compiled to the narrow [..., K, N] product"
+    assert [n, k] in outputs, f"no wide [..., {n}, {k}] product: the check above is vacuous"
+    _, compiled = step(init(0, tf.float64))
+    _, reference = tf.function(fn)(init(0, tf.float64))
+    for c, r in zip(compiled, reference):
+        np.testing.assert_allclose(c.numpy(), r.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_second_order_patches_compile_to_the_intended_kernels():
     """The patch tensors' second derivatives stay free of XLA in-place updates (dynamic-update-
     slice): concatenated patches made a chain of them per block, one per shifted view, and ran
