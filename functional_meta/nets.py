@@ -16,10 +16,11 @@ import math
 
 import tensorflow as tf
 
-try:  # XLA's optimisation barrier, from TensorFlow's tf2xla module (an identity outside XLA)
+try:  # XLA's optimisation barrier and TensorFlow's test for tracing under jit_compile=True
     from tensorflow.compiler.tf2xla.python.xla import optimization_barrier as _xla_barrier
-except ImportError:  # a TensorFlow without it: kernel gradients take the plain product
-    _xla_barrier = None
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla
+except ImportError:  # a TensorFlow without them: kernel gradients take the plain product
+    _xla_barrier = _in_xla = None
 
 BN_EPSILON = 1e-3
 _FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
@@ -61,13 +62,16 @@ def _task_matmul(a, weight):
     copies stays one product per task. XLA on CPU runs one large product much faster than T small
     ones: config A's step ran 14-18% faster in three interleaved A/B runs (README; the 20-way
     preset, with 980 rows a task already, 1-4% slower). The values and derivatives are those of
-    ``tf.matmul``, with kernel gradients in ``_kernel_gradient``'s form. Eagerly (the float64
-    checks) no weight is a traced broadcast and the per-task branch runs; tests/test_maml.py checks
-    that both branches give the same meta-gradients.
+    ``tf.matmul``; under XLA the kernel gradients take ``_kernel_gradient``'s wide form. Eagerly
+    (the float64 checks) no weight is a traced broadcast and ``tf.matmul`` runs per task;
+    tests/test_maml.py checks that the paths give the same meta-gradients.
     """
     t, r, k = a.shape
     kernel = tf.reshape(weight, [t, k, -1])
     shared = _broadcast_source(weight)
+    wide = _compiling_with_xla()   # kernel gradients in _kernel_gradient's wide form
+    if shared is None and not wide:
+        return tf.matmul(a, kernel)
     if shared is None:
         @tf.custom_gradient
         def task_product(a, kernel):
@@ -81,7 +85,9 @@ def _task_matmul(a, weight):
     @tf.custom_gradient
     def product(a, kernel):
         def grad(dy):
-            da = _input_gradient(tf.reshape(dy, [t * r, -1]), shared)
+            rows = tf.reshape(dy, [t * r, -1])
+            da = (_input_gradient(rows, shared) if wide
+                  else tf.matmul(rows, shared, transpose_b=True))
             return tf.reshape(da, [t, r, k]), _kernel_gradient(a, dy)
         return tf.reshape(tf.matmul(tf.reshape(a, [t * r, k]), shared), [t, r, -1]), grad
 
@@ -96,13 +102,20 @@ def _kernel_gradient(a, dy):
     core, the wide ``N x K`` one at about 77 (config A's patch products, K = 576). The transpose
     then rides in the consumer's elementwise kernel. XLA would fold a transpose of a product back
     into the narrow product, so an optimisation barrier stands between them; it is an identity for
-    values and derivatives (``_barrier``). Config A's step: 3-9% faster in five A/B runs (README).
+    values and derivatives (``_barrier``). Config A's step: 1-9% faster in four in-process A/B
+    runs on one and two cores (README). Outside XLA (eager, ``jit_compile=False``) the plain
+    product runs.
     """
-    if _xla_barrier is None:
+    if not _compiling_with_xla():
         return tf.matmul(a, dy, transpose_a=True)
     rank = a.shape.rank
     wide = tf.matmul(dy, a, transpose_a=True)
     return tf.transpose(_barrier(wide), list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+def _compiling_with_xla():
+    """Whether the current trace is for XLA (``tf.function(jit_compile=True)``); False eagerly."""
+    return _in_xla is not None and _in_xla(tf.compat.v1.get_default_graph())
 
 
 @tf.custom_gradient

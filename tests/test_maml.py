@@ -82,8 +82,7 @@ NETS = {
 @pytest.mark.parametrize("traced", [False, True])
 def test_second_order_meta_gradient_matches_finite_differences(net, steps, traced):
     # Traced (tf.function) the products with the first step's shared weights run as single ones
-    # with their own gradient (nets._task_matmul); eagerly as one product per task. Both paths,
-    # and the wide kernel gradients (nets._kernel_gradient), are checked here.
+    # with their own gradient (nets._task_matmul); eagerly as tf.matmul. Both are checked here.
     rng = np.random.default_rng(steps)
     init, apply = NETS[net]()
     weights = init(0, F64)
