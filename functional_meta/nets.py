@@ -70,16 +70,8 @@ def _task_matmul(a, weight):
     kernel = tf.reshape(weight, [t, k, -1])
     shared = _broadcast_source(weight)
     wide = _compiling_with_xla()   # kernel gradients in _kernel_gradient's wide form
-    if shared is None and not wide:
-        return tf.matmul(a, kernel)
     if shared is None:
-        @tf.custom_gradient
-        def task_product(a, kernel):
-            def grad(dy):
-                return tf.matmul(dy, kernel, transpose_b=True), _kernel_gradient(a, dy)
-            return tf.matmul(a, kernel), grad
-
-        return task_product(a, kernel)
+        return _wide_matmul(a, kernel) if wide else tf.matmul(a, kernel)
     shared = tf.reshape(shared, [k, -1])
 
     @tf.custom_gradient
@@ -123,6 +115,14 @@ def _barrier(x):
     """XLA's optimisation barrier as an identity with an identity derivative (TensorFlow
     registers no gradient for the barrier op itself)."""
     return _xla_barrier(x)[0], lambda dy: dy
+
+
+@tf.custom_gradient
+def _wide_matmul(a, kernel):
+    """``tf.matmul(a, kernel)`` whose kernel gradient goes through ``_kernel_gradient``."""
+    def grad(dy):
+        return tf.matmul(dy, kernel, transpose_b=True), _kernel_gradient(a, dy)
+    return tf.matmul(a, kernel), grad
 
 
 @tf.custom_gradient

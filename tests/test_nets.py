@@ -228,16 +228,23 @@ def test_patches_and_their_derivatives_match_reference_loops(size, stride):
                                atol=1e-12)
 
 
+def tiny_conv4_meta_batch(channels):
+    """A 3-way conv4 on 9x9x1 images and a meta-batch of 2 tasks for it, small enough to compile
+    the second-order step in seconds."""
+    init, apply = nets.conv4(n_way=3, channels=channels, in_shape=(9, 9, 1))
+    rng = np.random.default_rng(0)
+    tasks = (tf.constant(rng.random([2, 3, 9, 9, 1]), tf.float32), tf.constant([[0, 1, 2]] * 2),
+             tf.constant(rng.random([2, 3, 9, 9, 1]), tf.float32), tf.constant([[2, 1, 0]] * 2))
+    return init, apply, tasks
+
+
 def test_kernel_gradient_barriers_are_put_in_under_xla_only():
     """nets._kernel_gradient separates the wide product from its transpose by XLA's optimisation
     barrier when the trace is for XLA, also inside the training step's loop over chunks of tasks,
     and takes the plain product otherwise. (What XLA compiles is checked in the next test; that
     the compiled values are exact, barrier included, test_maml.py checks in float64:
     test_recompute_gives_the_same_meta_gradient, an MLP under XLA against the eager path.)"""
-    init, apply = nets.conv4(n_way=3, channels=8, in_shape=(9, 9, 1))
-    rng = np.random.default_rng(0)
-    tasks = (tf.constant(rng.random([2, 3, 9, 9, 1]), tf.float32), tf.constant([[0, 1, 2]] * 2),
-             tf.constant(rng.random([2, 3, 9, 9, 1]), tf.float32), tf.constant([[2, 1, 0]] * 2))
+    init, apply, tasks = tiny_conv4_meta_batch(channels=8)
     state = maml.init_state(init(0), inner_lr=0.4)
     _, gradient, _ = maml.train_step_parts(apply, inner_steps=1, task_chunk=1)
 
@@ -260,10 +267,7 @@ def test_second_order_patches_compile_to_the_intended_kernels():
     zero-interleaved pads (a strided view's gradient, nine of them summed per input value), and
     its kernel gradients are wide products."""
     channels = 8
-    init, apply = nets.conv4(n_way=3, channels=channels, in_shape=(9, 9, 1))
-    rng = np.random.default_rng(0)
-    tasks = (tf.constant(rng.random([2, 3, 9, 9, 1]), tf.float32), tf.constant([[0, 1, 2]] * 2),
-             tf.constant(rng.random([2, 3, 9, 9, 1]), tf.float32), tf.constant([[2, 1, 0]] * 2))
+    init, apply, tasks = tiny_conv4_meta_batch(channels)
     step = tf.function(lambda w: maml.meta_gradients(apply, w, tasks, inner_lr=0.4, inner_steps=1),
                        jit_compile=True)
     hlo = step.experimental_get_compiler_ir(init(0))(stage="optimized_hlo")
