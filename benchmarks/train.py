@@ -12,6 +12,7 @@ Examples:
   fm-train --algorithm=maml --lr_mode=lslr --data=synthetic --out_dir=/tmp/lslr
 """
 
+import functools
 import os
 import sys
 import time
@@ -199,9 +200,8 @@ def main(argv):
             evaluator = training.make_evaluator(config, learner.apply, jit_compile=FLAGS.jit)
         except ValueError as error:
             raise app.UsageError(f"bad flags: {error}") from None
-
-        def validate(state):
-            return training.evaluate(evaluator, state, val_sampler, FLAGS.val_episodes)
+        validate = functools.partial(training.evaluate, evaluator, sampler=val_sampler,
+                                     num_episodes=FLAGS.val_episodes)   # validate(state)
     logging.info("training %s (%s) for %d steps into %s", config["algorithm"], config["preset"],
                  FLAGS.steps, FLAGS.out_dir)
     start = time.perf_counter()
