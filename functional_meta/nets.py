@@ -69,7 +69,10 @@ def _task_matmul(a, weight):
     t, r, k = a.shape
     kernel = tf.reshape(weight, [t, k, -1])
     shared = _broadcast_source(weight)
-    wide = _compiling_with_xla()   # kernel gradients in _kernel_gradient's wide form
+    # Kernel gradients in _kernel_gradient's wide form, under XLA only: outside it the custom
+    # gradients would cost, not gain (config A, --mode=function: 163-179 against 179-191 tasks/s
+    # in three alternating runs with them always on).
+    wide = _compiling_with_xla()
     if shared is None:
         return _wide_matmul(a, kernel) if wide else tf.matmul(a, kernel)
     shared = tf.reshape(shared, [k, -1])

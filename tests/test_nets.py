@@ -243,7 +243,7 @@ def test_kernel_gradient_barriers_are_put_in_under_xla_only():
     barrier when the trace is for XLA, also inside the training step's loop over chunks of tasks,
     and takes the plain product otherwise. (What XLA compiles is checked in the next test; that
     the compiled values are exact, barrier included, test_maml.py checks in float64:
-    test_recompute_gives_the_same_meta_gradient, an MLP under XLA against the eager path.)"""
+    test_xla_and_plain_meta_gradients_agree, a conv4 under XLA against the eager path.)"""
     init, apply, tasks = tiny_conv4_meta_batch(channels=8)
     state = maml.init_state(init(0), inner_lr=0.4)
     _, gradient, _ = maml.train_step_parts(apply, inner_steps=1, task_chunk=1)
