@@ -170,8 +170,8 @@ def small_classifier():
     return nets.conv4(n_way=3, channels=8, in_shape=(10, 10, 1), blocks=2)
 
 
-def f32_tasks(seed=0, t=4):
-    return tuple(tf.cast(a, tf.float32) if a.dtype == F64 else a
+def small_tasks(seed=0, t=4, dtype=tf.float32):
+    return tuple(tf.cast(a, dtype) if a.dtype == F64 else a
                  for a in image_tasks(np.random.default_rng(seed), t=t, shape=(10, 10, 1)))
 
 
@@ -184,8 +184,7 @@ def test_xla_and_plain_meta_gradients_agree(dtype):
     of ReLU's kink, and each such flip moves a gradient entry by a whole term."""
     init, apply = small_classifier()
     weights = init(0, dtype)
-    tasks = f32_tasks() if dtype == tf.float32 else image_tasks(np.random.default_rng(0), t=4,
-                                                                 shape=(10, 10, 1))
+    tasks = small_tasks(dtype=dtype)
     fn = lambda w, t: maml.meta_gradients(apply, w, t, inner_lr=0.4, inner_steps=2)
     plain_loss, plain = fn(weights, tasks)
     xla_loss, xla = tf.function(fn, jit_compile=True)(weights, tasks)
@@ -213,7 +212,7 @@ def test_train_step_compiles_once_and_learns():
     state = maml.init_state(init(0), inner_lr=0.4)
     losses = []
     for i in range(12):
-        state, metrics = step(state, f32_tasks(seed=i % 2))
+        state, metrics = step(state, small_tasks(seed=i % 2))
         losses.append(float(metrics["loss"]))
     assert step.experimental_get_tracing_count() == 1
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
@@ -252,7 +251,7 @@ def test_learned_inner_learning_rates_receive_gradients(mode):
     state = maml.init_state(init(0), inner_lr=0.4, lr_mode=mode, inner_steps=2)
     before = [v.numpy() for v in tf.nest.flatten(state["inner_lr"])]
     step = maml.make_train_step(apply, inner_steps=2, outer_lr=1e-2)
-    state, _ = step(state, f32_tasks())
+    state, _ = step(state, small_tasks())
     after = [v.numpy() for v in tf.nest.flatten(state["inner_lr"])]
     assert len(after) == len(init(0)) * (2 if mode == "lslr" else 1)
     changed = [not np.allclose(a, b) for a, b in zip(after, before)]
@@ -289,7 +288,7 @@ def test_multi_step_loss_weights():
 
 def test_eval_step_adapts_for_more_steps_at_test_time():
     init, apply = small_classifier()
-    weights, tasks = init(0), f32_tasks()
+    weights, tasks = init(0), small_tasks()
     one = maml.make_eval_step(apply, inner_steps=1, jit_compile=False)(weights, tf.constant(0.4), tasks)
     five = maml.make_eval_step(apply, inner_steps=5, jit_compile=False)(weights, tf.constant(0.4), tasks)
     support_tasks = (tasks[0], tasks[1], tasks[0], tasks[1])
