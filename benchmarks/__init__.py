@@ -3,11 +3,12 @@
 Two process-wide CPU settings are made here, before TensorFlow is imported (hence in the package
 every binary's module belongs to), each unless the caller chose already (BUILD.md):
 
-- ``TF_ENABLE_ONEDNN_OPTS=1``: TensorFlow leaves its oneDNN kernels off on some x86 CPUs (this
-  project's AMD EPYC machine among them); with them on, a 60-way ProtoNet step ran 1.8x faster.
+- ``TF_ENABLE_ONEDNN_OPTS=1``: TensorFlow leaves its oneDNN kernels off on some x86 CPUs (AMD
+  EPYC among them), and ProtoNet's convolutions run much faster with them (docs/design.md,
+  oneDNN kernels on).
 - ``--xla_cpu_multi_thread_eigen=false`` in ``XLA_FLAGS``: XLA then runs each matrix product of a
   compiled step on one thread. MAML's products, in chunks of 8 tasks, are too small to split
-  well: config A ran faster on two cores in five of six paired runs (148-204 against 179-231 ms).
+  well (docs/design.md, XLA's products on one thread).
 """
 
 import os

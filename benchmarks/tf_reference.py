@@ -1,12 +1,13 @@
 """The straightforward TensorFlow MAML step, for side-by-side comparisons with the library's.
 
-Besides the PyTorch step (fm-torch-reference), the MAML speed targets name what a researcher
-would write in TensorFlow without this library: a Python loop over the tasks, each adapted with its
-own nested ``GradientTape`` on an ordinary convolutional network (``tf.nn.conv2d``, fused batch
-norm), the second-order meta-gradient of the mean query loss and the Adam update, compiled with
-XLA (the whole meta-batch unrolled in one graph) or run eagerly as a tutorial writes it. This
-binary is that step on the CPU, for the conv4 MAML presets, on the same synthetic batch and from
-the same initial weights as fm-maml-bench, so that both can run back to back on the same machine:
+Besides the PyTorch step (fm-torch-reference), the library's MAML speed is compared with what a
+researcher would write in TensorFlow without this library: a Python loop over the tasks, each
+adapted with its own nested ``GradientTape`` on an ordinary convolutional network
+(``tf.nn.conv2d``, fused batch norm), the second-order meta-gradient of the mean query loss and
+the Adam update, compiled with XLA (the whole meta-batch unrolled in one graph) or run eagerly as a
+tutorial writes it. This binary is that step on the CPU, for the conv4 MAML presets, on the same
+synthetic batch and from the same initial weights as fm-maml-bench, so that both can run back to
+back on the same machine:
 
   fm-tf-reference                                 # config A (maml_omniglot_5way), XLA
   fm-tf-reference --mode=eager --steps=3          # the tutorial's eager loop

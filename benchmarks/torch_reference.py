@@ -1,11 +1,11 @@
-"""The PyTorch step that the speed targets are stated against, for side-by-side comparisons.
+"""The PyTorch step that the library's speed is compared against, for side-by-side comparisons.
 
-The issues give their targets as multiples of a PyTorch step measured "on this machine class":
-MAML as a loop over tasks with ``create_graph=True`` (how learn2learn and higher compute the
-second-order meta-gradient), ProtoNet with ``torch.cdist``, both with Adam. Step times on a shared
-machine drift by 10-40% between runs, so a ratio is only trustworthy when both steps run back to
-back on the same machine: this binary is that PyTorch step, for the same presets and flags as
-fm-maml-bench and fm-protonet-bench, started from the very same initial weights.
+The step a researcher would otherwise use in PyTorch: MAML as a loop over tasks with
+``create_graph=True`` (how learn2learn and higher compute the second-order meta-gradient),
+ProtoNet with ``torch.cdist``, both with Adam. Step times on a shared machine drift by 10-40%
+between runs, so a ratio is only trustworthy when both steps run back to back on the same machine:
+this binary is that PyTorch step, for the same presets and flags as fm-maml-bench and
+fm-protonet-bench, started from the very same initial weights.
 
   fm-torch-reference --preset=maml_omniglot_5way                  # config A
   fm-torch-reference --preset=protonet_omniglot --n_way=5 --k_shot=1 --q_query=15

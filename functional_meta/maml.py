@@ -212,10 +212,8 @@ def train_step_parts(apply_fn, *, inner_steps, outer_lr=1e-3, first_order=False,
     ``task_chunk``: compute the meta-gradient for this many tasks at a time, in a loop inside the
     step that sums the chunks' gradients: the same value and gradient as the whole meta-batch at
     once (``None``, the default). It must divide the meta-batch. The loop's body is compiled once,
-    so the compile time does not grow, while a chunk's activations stay in the CPU's caches. On two
-    CPU cores, config A (meta-batch 32) in chunks of 8 ran 149-155 tasks/s against 112-128 for the
-    whole batch in three paired runs, and 143-179 against 126-158 in three more once XLA ran its
-    matrix products on one thread (README).
+    so the compile time does not grow, while a chunk's activations stay in the CPU's caches and the
+    step's memory is a fraction of the whole batch's (docs/design.md, task chunks).
     """
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer)) \
             or inner_steps < 1:
@@ -290,9 +288,9 @@ def make_train_step(apply_fn, *, jit_compile=True, **options):
     the meta-loss and, for classification, the post-adaptation query accuracy.
 
     AutoGraph is off (here and in every compiled step of the library): nothing in the step branches
-    on a tensor's value, and converting the library's Python doubled the trace time (config A: 4.6
-    to 2.4 s on one core). An ``apply_fn`` must therefore use ``tf.cond``/``tf.while_loop`` for
-    any control flow that depends on tensor values.
+    on a tensor's value, and converting the library's Python would double the trace time
+    (docs/design.md, AutoGraph off). An ``apply_fn`` must therefore use
+    ``tf.cond``/``tf.while_loop`` for any control flow that depends on tensor values.
     """
     _, gradient, update = train_step_parts(apply_fn, **options)
 

@@ -60,8 +60,7 @@ def _task_matmul(a, weight):
     tensor as one ``[T*R, K] x [K, N]`` product, as does the product that gives ``a``'s gradient,
     and, through them, their second derivatives; only the gradient with respect to the tasks'
     copies stays one product per task. XLA on CPU runs one large product much faster than T small
-    ones: config A's step ran 14-18% faster in three interleaved A/B runs (README; the 20-way
-    preset, with 980 rows a task already, 1-4% slower). The values and derivatives are those of
+    ones (docs/design.md, shared first-step products). The values and derivatives are those of
     ``tf.matmul``; under XLA the kernel gradients take ``_kernel_gradient``'s wide form. Eagerly
     (the float64 checks) no weight is a traced broadcast and ``tf.matmul`` runs per task;
     tests/test_maml.py checks that the paths give the same meta-gradients.
@@ -70,8 +69,7 @@ def _task_matmul(a, weight):
     kernel = tf.reshape(weight, [t, k, -1])
     shared = _broadcast_source(weight)
     # Kernel gradients in _kernel_gradient's wide form, under XLA only: outside it the custom
-    # gradients would cost, not gain (config A, --mode=function: 163-179 against 179-191 tasks/s
-    # in three alternating runs with them always on).
+    # gradients cost more than they save (docs/design.md, those gradients only under XLA).
     wide = _compiling_with_xla()
     if shared is None:
         return _wide_matmul(a, kernel) if wide else tf.matmul(a, kernel)
@@ -93,13 +91,11 @@ def _kernel_gradient(a, dy):
     """A kernel's gradient ``a^T dy``: ``a [..., R, K]``, ``dy [..., R, N]`` -> ``[..., K, N]``.
 
     Computed as the transpose of ``dy^T a`` (``[..., N, K]``): XLA on CPU runs a product that
-    contracts R into a narrow ``K x N`` output (N = 64 output channels) at about 47 GFLOP/s on one
-    core, the wide ``N x K`` one at about 77 (config A's patch products, K = 576). The transpose
-    then rides in the consumer's elementwise kernel. XLA would fold a transpose of a product back
-    into the narrow product, so an optimisation barrier stands between them; it is an identity for
-    values and derivatives (``_barrier``). Config A's step: 1-9% faster in four in-process A/B
-    runs on one and two cores (README). Outside XLA (eager, ``jit_compile=False``) the plain
-    product runs.
+    contracts R into a narrow ``K x N`` output (N = 64 output channels) much slower than the wide
+    ``N x K`` one (docs/design.md, wide kernel gradients). The transpose then rides in the
+    consumer's elementwise kernel. XLA would fold a transpose of a product back into the narrow
+    product, so an optimisation barrier stands between them; it is an identity for values and
+    derivatives (``_barrier``). Outside XLA (eager, ``jit_compile=False``) the plain product runs.
     """
     if not _compiling_with_xla():
         return tf.matmul(a, dy, transpose_a=True)
@@ -189,15 +185,13 @@ def _patches(x, stride, ones_column=False):
     The nine shifted views are stacked on a new axis, not concatenated: the same values in the same
     order, but TensorFlow differentiates a concatenation into slices whose own derivative (second
     order, under XLA) is a chain of in-place updates of the whole patch tensor, one per view; a
-    stack's derivatives are an unstack and a stack. Config A's step ran 6-9% faster so (two
-    interleaved A/B runs).
+    stack's derivatives are an unstack and a stack (docs/design.md, stacked patches).
 
     With stride 2 the views are taken from the four phases of the image (even or odd rows times
     even or odd columns, an unstack of a reshape), each view a contiguous window of one phase. The
     gradient (col2im) then sums at most four shifted windows into each phase and stacks the
     phases; strided views' gradients are zero-interleaved pads of the whole image, nine of them
-    summed per input value. Config A's step ran 1-5% faster in six in-process A/B runs, the
-    20-way preset's 3% in one (README)."""
+    summed per input value (docs/design.md, phase windows for stride 2)."""
     t, n, h, w, c = x.shape
     out_h, pad_h = _same_padding(h, stride)
     out_w, pad_w = _same_padding(w, stride)
@@ -215,7 +209,8 @@ def _patches(x, stride, ones_column=False):
         cols = [xp[:, :, i:i + stride * (out_h - 1) + 1:stride,
                    j:j + stride * (out_w - 1) + 1:stride, :] for i in range(3) for j in range(3)]
     # Each view flattened to [rows, C] before the stack: the same patches, but XLA compiles a
-    # stack of matrices (and its derivatives) several times faster than one of 5-d views.
+    # stack of matrices (and its derivatives) much faster than one of 5-d views (docs/design.md,
+    # flat stack).
     patches = tf.reshape(tf.stack([tf.reshape(v, [-1, c]) for v in cols], 1),
                          [t, n * out_h * out_w, 9 * c])
     if ones_column:
@@ -225,8 +220,8 @@ def _patches(x, stride, ones_column=False):
 
 def _row_mean(rows):
     """Mean over the middle axis of ``rows [T, R, C] -> [T, 1, C]``, as a product with a constant
-    row: XLA on CPU runs these far faster than a reduction over the middle axis (a measured 15-30%
-    of the whole MAML step)."""
+    row: XLA on CPU runs these far faster than a reduction over the middle axis (docs/design.md,
+    means as products with a constant row)."""
     t, r = rows.shape[:2]
     return tf.matmul(tf.fill([t, 1, r], tf.constant(1.0 / r, rows.dtype)), rows)
 
@@ -261,8 +256,7 @@ def _conv_batch_norm_from_patches(x, kernel, scale, offset, stride):
     the centred patches. Batch norm then folds into the kernel and an offset: one matrix product
     makes the normalised output. The same function and derivatives as the two steps, but the wide
     first-block output is written once instead of being read and written again by batch norm and
-    its gradient (ProtoNet, 5-way 1-shot: the block's forward and backward ran 29 -> 23-26 ms on
-    two cores).
+    its gradient (docs/design.md, first-block batch norm from the patches' covariance).
     """
     t, n = x.shape[:2]
     # The offset rides as one more kernel row against a column of ones: no pass over the output.

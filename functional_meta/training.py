@@ -43,10 +43,9 @@ def default_jit(algorithm):
     return True
 
 
-# Input values per MAML chunk on a CPU: 80 Omniglot images (28x28x1). Chunks of about this size ran
-# fastest on two cores, for config A (8 of 5-way 1-shot 1-query tasks: 149-155 tasks/s against
-# 112-128 for all 32 at once) and for 20-way 1-shot with 5 inner steps (2 tasks: 12.6 against 7.6
-# tasks/s, where 1, 4, 8 and 16 tasks gave 10.0, 10.5, 9.1 and 7.6).
+# Input values per MAML chunk on a CPU: 80 Omniglot images (28x28x1), 8 tasks of config A and 2 of
+# the 20-way preset. Chunks of about this size ran fastest on two cores, and keep a quarter or less
+# of the meta-batch's activations alive (docs/design.md, task chunks).
 CHUNK_VALUES = 80 * 28 * 28
 
 

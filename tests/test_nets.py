@@ -262,8 +262,8 @@ def test_kernel_gradient_barriers_are_put_in_under_xla_only():
 
 def test_second_order_patches_compile_to_the_intended_kernels():
     """The patch tensors' second derivatives stay free of XLA in-place updates (dynamic-update-
-    slice): concatenated patches made a chain of them per block, one per shifted view, and ran
-    config A's step 6-9% slower (nets._patches). The gradients of stride-2 patches have no
+    slice): concatenated patches made a chain of them per block, one per shifted view, and slowed
+    the step (docs/design.md, stacked patches). The gradients of stride-2 patches have no
     zero-interleaved pads (a strided view's gradient, nine of them summed per input value), and
     its kernel gradients are wide products."""
     channels = 8
@@ -278,15 +278,15 @@ def test_second_order_patches_compile_to_the_intended_kernels():
     interleaved = [p for p in pads if any(d.count("_") == 2 and d.split("_")[2] != "0"
                                           for d in p.split("x"))]
     assert interleaved == [], interleaved
-    # The nine views are stacked as matrices ([rows, 9, C]): XLA compiled the stack of 5-d views
-    # and its slices, the bulk of the step's compile time, several times slower.
+    # The nine views are stacked as matrices ([rows, 9, C]): XLA compiles a stack of 5-d views
+    # and its slices, the bulk of the step's compile time, far slower (docs/design.md, flat stack).
     stacks = [shape.split(",") for shape, operands in
               re.findall(r"= f32\[([0-9,]*)\][^=]*? concatenate\(([^)]*)\)", hlo)
               if operands.count("%") == 9]
     assert stacks and all(len(shape) == 3 for shape in stacks), stacks
     # Every kernel gradient is a wide product [..., N, K] (N output channels, K = 9C patch
     # values), transposed afterwards: XLA on CPU runs the narrow [..., K, N] form of the same
-    # product about 1.6 times slower (nets._kernel_gradient).
+    # product much slower (docs/design.md, wide kernel gradients).
     outputs = [shape.split(",")[-2:] for shape in re.findall(r"= f32\[([0-9,]*)\]\S* dot\(", hlo)]
     k, n = str(9 * channels), str(channels)
     assert [k, n] not in outputs, "a kernel gradient compiled to the narrow [..., K, N] product"
