@@ -6,8 +6,12 @@ far. A save writes the tensors to ``<prefix>_temp/``, merges them into ``<prefix
 ``.data-*`` and only then rewrites the ``checkpoint`` state file, atomically (a temporary file
 renamed over the old one). A process killed at any moment therefore leaves the state file naming
 only complete checkpoints; ``Checkpoints.restore`` additionally falls back to the previous listed
-checkpoint if the newest one cannot be read, so a damaged file never ends a run.
+checkpoint if the newest one cannot be read, so a damaged file never ends a run. The
+``<prefix>_temp/`` folder a killed save leaves behind is removed by ``Checkpoints.remove_partial``
+(``training.train`` calls it before it saves anything).
 """
+
+import shutil
 
 from pathlib import Path
 
@@ -18,12 +22,26 @@ from absl import logging
 from functional_meta import configs
 
 
-class NonFiniteError(FloatingPointError):
-    """Training met a non-finite loss or state; ``step`` is the step (1-based) that produced it."""
+# The numbers every checkpoint holds beside the state (see ``Checkpoints``).
+INFO_FIELDS = ("step", "data_seed", "next_batch", "best_score", "best_step", "log_state")
+
+
+class TrainingStopped(FloatingPointError):
+    """Training stopped because the run went bad; ``step`` is the step (1-based) where it was
+    noticed. Nothing of that step was saved."""
 
     def __init__(self, message, step):
         super().__init__(message)
         self.step = step
+
+
+class NonFiniteError(TrainingStopped):
+    """Training met a non-finite loss or state; ``step`` is the step (1-based) that produced it."""
+
+
+class DivergedError(TrainingStopped):
+    """The loss stayed finite but far above what a learning model gives (see
+    ``training.divergence_threshold``); ``step`` is the step whose log window confirmed it."""
 
 
 def all_finite(state):
@@ -37,8 +55,10 @@ class Checkpoints:
 
     ``directory/checkpoints/ckpt-<step>`` (the latest ``keep``) and ``directory/best/ckpt-<step>``
     (the best by validation). Each holds the state, ``step``, the sampler's ``data_seed`` and
-    ``next_batch``, and the best validation score so far (``best_score``, higher is better, and
-    ``best_step``).
+    ``next_batch``, the best validation score so far (``best_score``, higher is better, and
+    ``best_step``) and ``log_state``, a JSON string of the training loop's open progress window
+    (``training.train``), so that a resumed run logs what an uninterrupted one would. Checkpoints
+    written before ``log_state`` existed restore with ``log_state=''``.
     """
 
     def __init__(self, directory, template, keep=5):
@@ -51,9 +71,12 @@ class Checkpoints:
         self._next_batch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._best_score = tf.Variable(-np.inf, dtype=tf.float64, trainable=False)
         self._best_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
-        self._checkpoint = tf.train.Checkpoint(
-            state=self._vars, step=self._step, data_seed=self._data_seed,
-            next_batch=self._next_batch, best_score=self._best_score, best_step=self._best_step)
+        self._log_state = tf.Variable("", dtype=tf.string, trainable=False)
+        fields = dict(state=self._vars, step=self._step, data_seed=self._data_seed,
+                      next_batch=self._next_batch, best_score=self._best_score,
+                      best_step=self._best_step)
+        self._legacy = tf.train.Checkpoint(**fields)          # reads checkpoints without log_state
+        self._checkpoint = tf.train.Checkpoint(log_state=self._log_state, **fields)
         self.latest = tf.train.CheckpointManager(self._checkpoint, self.directory / "checkpoints",
                                                  max_to_keep=keep)
         self.best = tf.train.CheckpointManager(self._checkpoint, self.directory / "best",
@@ -63,11 +86,12 @@ class Checkpoints:
         for key, variables in self._vars.items():
             for var, value in zip(variables, tf.nest.flatten(state[key])):
                 var.assign(value)
-        for name in ("step", "data_seed", "next_batch", "best_score", "best_step"):
-            getattr(self, "_" + name).assign(info[name])
+        for name in INFO_FIELDS:
+            getattr(self, "_" + name).assign(info.get(name, "") if name == "log_state"
+                                             else info[name])
 
     def save(self, state, info, best=False):
-        """Saves ``state`` and ``info`` (step, data_seed, next_batch, best_score, best_step) as the
+        """Saves ``state`` and ``info`` (``INFO_FIELDS``; ``log_state`` may be left out) as the
         latest checkpoint, or as the best one; refuses a non-finite state."""
         if not all_finite(state):
             raise NonFiniteError(f"the state after step {info['step']} is not finite; "
@@ -87,9 +111,11 @@ class Checkpoints:
         paths = [str(path)] if path else self.candidates(which)
         for candidate in paths:
             try:
-                status = self._checkpoint.restore(candidate)
-                status.assert_existing_objects_matched()
-                status.expect_partial()       # the save counter may stay unmatched; no warning
+                try:
+                    self._read(self._checkpoint, candidate)
+                except AssertionError:        # written before log_state existed
+                    self._read(self._legacy, candidate)
+                    self._log_state.assign("")
             except Exception as error:      # damaged files fail in many ways (OpError, IndexError..)
                 if path:
                     raise ValueError(f"cannot read checkpoint {candidate}: {error}") from None
@@ -99,10 +125,29 @@ class Checkpoints:
             state = {key: tf.nest.pack_sequence_as(self.template[key],
                                                    [tf.identity(v) for v in self._vars[key]])
                      for key in self.template}
-            info = {name: getattr(self, "_" + name).numpy().item()
-                    for name in ("step", "data_seed", "next_batch", "best_score", "best_step")}
+            info = {name: getattr(self, "_" + name).numpy() for name in INFO_FIELDS}
+            info = {name: value.decode() if isinstance(value, bytes) else value.item()
+                    for name, value in info.items()}
             return state, info, candidate
         return None
+
+    @staticmethod
+    def _read(checkpoint, path):
+        status = checkpoint.restore(path)
+        status.assert_existing_objects_matched()
+        status.expect_partial()               # the save counter may stay unmatched; no warning
+
+    def remove_partial(self):
+        """Removes the ``<prefix>_temp/`` folders of saves that were killed before they finished
+        (TensorFlow writes a checkpoint's tensors there, then merges them into ``<prefix>.*``);
+        the paths removed. Only for the process that writes this folder, never during a save."""
+        removed = []
+        for folder in (self.directory / "checkpoints", self.directory / "best"):
+            for temp in sorted(folder.glob("*_temp")) if folder.is_dir() else []:
+                if temp.is_dir():
+                    shutil.rmtree(temp, ignore_errors=True)
+                    removed.append(temp)
+        return removed
 
 
 def has_checkpoints(out_dir):

@@ -10,8 +10,8 @@ The pieces, in the order a binary uses them (after ``configs.make_config``):
 - ``make_evaluator`` and ``evaluate``: per-episode accuracy (or MSE) over held-out episodes and the
   95% interval of their mean; ``pixel_baseline`` is nearest neighbour on raw pixels.
 - ``train``: the loop, with progress lines, TensorBoard summaries, validation, best/latest
-  checkpoints (``functional_meta.checkpoints``), exact resume and a stop on the first non-finite
-  loss.
+  checkpoints (``functional_meta.checkpoints``), exact resume (logs included), and a stop on the
+  first non-finite loss or a diverging one (``divergence_threshold``).
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import summary_pb2
+from tensorflow.core.util import event_pb2
 
 from functional_meta import data as data_lib
 from functional_meta import (checkpoints, configs, distribute, episodes, maml, metrics, optim,
@@ -397,6 +398,47 @@ def _trim_history(path, last_step):
     configs.atomic_write(path, "".join(line + "\n" for line in kept))
 
 
+def _trim_events(folder, last_step):
+    """Drops the TensorBoard summaries after ``last_step`` from the events files in ``folder``, so
+    that a resumed run's values are the only ones past its checkpoint (TensorBoard would otherwise
+    show two values per step). A file is rewritten (a temporary file renamed over it) only when it
+    loses something; a record torn by a killed process is dropped too."""
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")) if Path(folder).is_dir() else []:
+        kept, dropped = [], 0
+        try:
+            for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+                event = event_pb2.Event.FromString(raw)
+                if event.HasField("summary") and event.step > last_step:
+                    dropped += 1
+                else:
+                    kept.append(raw)
+        except tf.errors.DataLossError:
+            dropped += 1
+        if not dropped:
+            continue
+        if not any(event_pb2.Event.FromString(raw).HasField("summary") for raw in kept):
+            path.unlink()
+            continue
+        temporary = path.with_name("trimming-" + path.name.replace("tfevents", "events"))
+        with tf.io.TFRecordWriter(str(temporary)) as writer:
+            for raw in kept:
+                writer.write(raw)
+        temporary.replace(path)
+
+
+def _best_record(history, info):
+    """The best validation so far (``info['best_step']``) as ``{'step', ...}`` with its record's
+    values from ``history``, or ``None`` if no validation ran."""
+    if info["best_step"] < 0:
+        return None
+    records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] \
+        if history.exists() else []
+    for record in records:
+        if record.get("split") == "val" and record["step"] == info["best_step"]:
+            return {k: v for k, v in record.items() if k != "split"}
+    return {"step": info["best_step"], "score": info["best_score"]}
+
+
 def _metadata(plugin):
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = plugin
@@ -427,6 +469,24 @@ def _episode_summary(batch, step):
         _image_summary("episode/query", query_x[0], step)
 
 
+def divergence_threshold(config):
+    """The mean training loss above which a classification run counts as diverging:
+    ``10 log(n_way) + 10``, or ``None`` for regression (an MSE has no chance level).
+
+    A model that guesses uniformly has the loss ``log(n_way)`` (runs start near it); a mean loss
+    above the threshold means the right class gets, on average, a probability below
+    ``n_way**-10 * e**-10``: the model is confidently wrong, as after an outer rate so large that
+    the weights blew up (a loss of 1e8 to 1e11 at ``outer_lr=1e6``), never while it learns.
+    """
+    if config.get("loss") == "mse":
+        return None
+    return 10 * math.log(config["n_way"]) + 10
+
+
+# Consecutive progress windows above ``divergence_threshold`` that stop a run.
+DIVERGED_WINDOWS = 3
+
+
 def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint_every=500, keep=5,
           validate=None, val_every=0, resume=False, summaries=True, on_progress=None,
           restore_from=None):
@@ -442,10 +502,18 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     episodes/s and ETA every ``log_every`` steps).
 
     ``resume=True`` continues from the newest readable checkpoint with the same weights, optimiser
-    state, inner rates and batch index, so (with op determinism on) the losses equal those of an
-    uninterrupted run; without it a folder that already holds checkpoints is refused. A non-finite
-    loss raises ``checkpoints.NonFiniteError`` naming the step before anything of that step is
-    saved.
+    state, inner rates, batch index and open progress window, so (with op determinism on) the
+    losses, ``history.jsonl`` and the TensorBoard scalars equal those of an uninterrupted run:
+    records and events an interrupted attempt wrote after that checkpoint are dropped. Resuming
+    a folder without checkpoints is an error; without ``resume`` a folder that already holds
+    checkpoints is refused.
+
+    A non-finite loss raises ``checkpoints.NonFiniteError`` naming the step before anything of
+    that step is saved. A classification loss whose window mean stays above
+    ``divergence_threshold`` for ``DIVERGED_WINDOWS`` progress lines raises
+    ``checkpoints.DivergedError``; while the loss is above it no checkpoint (but the final one)
+    and no best checkpoint is saved, so the last good checkpoint the error names, and the best
+    one, precede the divergence.
 
     ``restore_from``: the run folder whose checkpoints ``resume`` reads (default ``out_dir``). A
     non-chief worker of a multi-worker run writes into a temporary ``out_dir`` and restores from
@@ -463,7 +531,7 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
     store = checkpoints.Checkpoints(out, state, keep=keep)
     history = out / HISTORY_FILE
     info = {"step": 0, "data_seed": sampler.seed, "next_batch": 0, "best_score": -np.inf,
-            "best_step": -1}
+            "best_step": -1, "log_state": ""}
     config_file = out / configs.CONFIG_FILE
     stored = configs.read_config(config_file) if config_file.exists() else None
     source = store if restore_from is None else checkpoints.Checkpoints(Path(restore_from), state,
@@ -482,18 +550,27 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
             raise ValueError(f"cannot resume: the checkpoint's data seed is {info['data_seed']}, "
                              f"the sampler's {sampler.seed} (--seed)")
         logging.info("resuming from %s at step %d", path, info["step"])
-        _trim_history(history, info["step"])
         last_path = path
+    elif resume:
+        raise ValueError(f"cannot resume: {source.directory} holds no checkpoint "
+                         f"({source.directory / 'checkpoints'} is missing or empty); to start a "
+                         "new run there, leave out resume (--resume)")
     else:
-        _trim_history(history, 0)       # records of an earlier attempt that never checkpointed
-        last_path = None
+        last_path = None                # records of an earlier attempt that never checkpointed
+    for name in store.remove_partial():
+        logging.info("removed %s, left by a save that was interrupted", name)
+    # What an interrupted attempt wrote after the checkpoint goes (after step 0: everything, the
+    # first episode's images included, since they are written again).
+    _trim_history(history, info["step"])
+    for name in ("train", "val"):
+        _trim_events(out / name, info["step"] if info["step"] else -1)
     configs.save_config(out, dict(learner.config, steps=steps))
     start = info["step"]
     losses = []
     best = None
     if start >= steps:
         logging.info("already trained %d of %d steps", start, steps)
-        return TrainResult(start, losses, best, last_path)
+        return TrainResult(start, losses, _best_record(history, info), last_path)
 
     writers = {}
     if summaries:
@@ -501,8 +578,14 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
         if start == 0:
             with writers["train"].as_default():
                 _episode_summary(sampler.batch(0), 0)
+            writers["train"].flush()
     meta_batch = sampler.meta_batch
-    window = {"loss": [], "accuracy": []}
+    # The open progress window (per-step values since the last progress line) and the number of
+    # consecutive diverging windows, restored from the checkpoint so a resumed run logs the same.
+    log_state = json.loads(info["log_state"]) if info["log_state"] else {}
+    window = {"loss": log_state.get("loss", []), "accuracy": log_state.get("accuracy", [])}
+    diverging = log_state.get("diverging", 0)
+    threshold = divergence_threshold(learner.config)
     window_start = time.perf_counter()
     window_first_step = start
 
@@ -514,7 +597,13 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
                 for key, value in record.items():
                     if key not in ("step", "steps", "split", "eta_sec"):
                         _scalar_summary(key, value, record["step"])
+            writer.flush()          # on disk with the history record, whatever happens next
         on_progress(record)
+
+    def suspect():
+        """Whether the loss is above the divergence threshold now (nothing is saved then)."""
+        return threshold is not None and (
+            diverging > 0 or bool(window["loss"]) and float(np.mean(window["loss"])) > threshold)
 
     step = start
     batches = episodes.dataset(sampler, start_batch=info["next_batch"], num_batches=steps - start)
@@ -542,22 +631,38 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
             emit(record, writers.get("train"))
             window = {"loss": [], "accuracy": []}
             window_start, window_first_step = time.perf_counter(), step
+            if threshold is not None and record["loss"] > threshold:
+                diverging += 1
+                if diverging >= DIVERGED_WINDOWS:
+                    where = (f"the last good checkpoint is {last_path}" if last_path else
+                             "no checkpoint was saved before it")
+                    raise checkpoints.DivergedError(
+                        f"the loss diverged: its mean over each of the last {diverging} progress "
+                        f"windows (to step {step}) was above {threshold:.1f} = 10 log(n_way) + 10 "
+                        f"(chance level: log({learner.config['n_way']}) = "
+                        f"{math.log(learner.config['n_way']):.2f}), the last {record['loss']:.4g};"
+                        f" training stopped, nothing saved since the loss rose, {where}; try a "
+                        "smaller outer learning rate", step=step)
+                logging.warning("mean loss %.4g above %.1f (10 log(n_way) + 10) at step %d: no "
+                                "checkpoint is saved until it comes down; %d such windows in a "
+                                "row stop the run", record["loss"], threshold, step,
+                                DIVERGED_WINDOWS)
+            else:
+                diverging = 0
         if val_every and (step % val_every == 0 or step == steps):
             result = validate(state)
             emit({"split": "val", "step": step, **result}, writers.get("val"))
-            if _score(result) > info["best_score"]:
+            if _score(result) > info["best_score"] and not suspect():
                 info = dict(info, best_score=_score(result), best_step=step)
                 store.save(state, info, best=True)
                 best = {"step": step, **result}
-        if step % checkpoint_every == 0 or step == steps:
+        if step == steps or step % checkpoint_every == 0 and not suspect():
+            info = dict(info, log_state=json.dumps(dict(window, diverging=diverging)))
             last_path = store.save(state, info)
-        if writers and step % log_every == 0:
-            for writer in writers.values():
-                writer.flush()
     for writer in writers.values():
         writer.flush()
-    if best is None and info["best_step"] >= 0:
-        best = {"step": info["best_step"], "score": info["best_score"]}
+    if best is None:
+        best = _best_record(history, info)
     return TrainResult(step, losses, best, last_path)
 
 

@@ -149,12 +149,32 @@ def test_protonet_learns_held_out_omniglot_alphabets(omniglot_paths, tmp_path, c
 # Resume, crashes, non-finite losses
 
 
+@pytest.fixture
+def op_determinism():
+    """Op determinism for one test. It is process-wide and TF has no public switch back: the
+    private one restores it so later tests run as before."""
+    from tensorflow.python.framework import config as tf_config
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    yield
+    if not was_deterministic:
+        tf_config.disable_op_determinism()
+
+
+_LEARNERS = {}
+
+
 def _tiny_maml(tmp_path, **options):
+    """A tiny MAML learner and a function making its sampler. Learners are stateless: one per
+    ``options`` serves every test, whose steps are then traced once."""
     config = configs.make_config('maml', data='synthetic', channels=4, image_shape=[8, 8, 1],
                                  n_way=3, k_shot=1, q_query=2, meta_batch=2, inner_steps=1,
                                  **options)
     classes = data.synthetic(8, 5, (8, 8, 1), seed=3)
-    learner = training.make_learner(config, jit_compile=False)
+    key = json.dumps(options, sort_keys=True)
+    if key not in _LEARNERS:
+        _LEARNERS[key] = training.make_learner(config, jit_compile=False)
+    learner = _LEARNERS[key]
 
     def sampler():
         return training.make_sampler(classes, n_way=3, k_shot=1, q_query=2, meta_batch=2, seed=5,
@@ -166,25 +186,16 @@ def _tiny_maml(tmp_path, **options):
 # half the rate, 5 and 6 a quarter) and with shifted, rotated and scaled training images.
 @pytest.mark.parametrize('options', [{}, dict(lr_decay_every=2, lr_decay=0.5, augment_shift=1,
                                               augment_rotate=10.0, augment_scale=0.1)])
-def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options):
+def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options, op_determinism):
     learner, sampler = _tiny_maml(tmp_path, **options)
-    # Determinism is process-wide and TF has no public switch back: restore it with the private
-    # one so later tests run as before.
-    from tensorflow.python.framework import config as tf_config
-    was_deterministic = tf_config.is_op_determinism_enabled()
-    tf.config.experimental.enable_op_determinism()
-    try:
-        common = dict(seed=2, log_every=1, checkpoint_every=3, summaries=False,
-                      on_progress=lambda record: None)
-        whole = training.train(learner, sampler(), out_dir=tmp_path / 'a', steps=6, **common)
-        first = training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=3, **common)
-        with pytest.raises(ValueError, match='resume'):
-            training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=6, **common)
-        second = training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=6, resume=True,
-                                **common)
-    finally:
-        if not was_deterministic:
-            tf_config.disable_op_determinism()
+    common = dict(seed=2, log_every=1, checkpoint_every=3, summaries=False,
+                  on_progress=lambda record: None)
+    whole = training.train(learner, sampler(), out_dir=tmp_path / 'a', steps=6, **common)
+    first = training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=3, **common)
+    with pytest.raises(ValueError, match='resume'):
+        training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=6, **common)
+    second = training.train(learner, sampler(), out_dir=tmp_path / 'b', steps=6, resume=True,
+                            **common)
     assert len(whole.losses) == 6 and len(first.losses) == len(second.losses) == 3
     assert len(set(whole.losses)) == 6                       # the losses do change step to step
     assert first.losses + second.losses == whole.losses      # exactly equal
@@ -197,6 +208,90 @@ def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options):
     steps = [r['step'] for r in plots.read_history(tmp_path / 'b' / training.HISTORY_FILE)[0]]
     assert steps == [1, 2, 3, 4, 5, 6]
 
+
+
+def _scalar_events(folder):
+    """``{(tag, step): [values]}`` of the scalar summaries in a TensorBoard folder's events files."""
+    values = {}
+    for path in sorted(Path(folder).glob('events.out.tfevents.*')):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == 'scalars':
+                    values.setdefault((value.tag, event.step), []).append(
+                        float(tf.make_ndarray(value.tensor)))
+    return values
+
+
+def _logged(folder):
+    """A run folder's history records without the timing fields, and its TensorBoard scalars."""
+    records = [{k: v for k, v in r.items() if k not in ('episodes_per_sec', 'eta_sec')}
+               for r in map(json.loads, (folder / training.HISTORY_FILE).read_text().splitlines())]
+    events = {name: _scalar_events(folder / name) for name in ('train', 'val')}
+    return records, {name: {k: v for k, v in e.items() if 'per_sec' not in k[0]}
+                     for name, e in events.items()}
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_off_the_log_boundary_logs_what_an_uninterrupted_run_logs(tmp_path, op_determinism):
+    """A run checkpointed at step 7 (progress lines every 5 steps) dies after writing step 10's
+    line and step 8's validation; resumed, its history.jsonl and TensorBoard scalars equal an
+    uninterrupted run's: step 10's mean covers steps 6-10 (two of them before the checkpoint),
+    and the dead attempt's values after step 7 are gone, not doubled."""
+    learner, sampler = _tiny_maml(tmp_path)
+    evaluator = training.make_evaluator(learner.config, learner.apply, jit_compile=False)
+    val_sampler = training.make_sampler(data.synthetic(8, 5, (8, 8, 1), seed=4), n_way=3,
+                                        k_shot=1, q_query=2, meta_batch=2, seed=9)
+    common = dict(seed=2, steps=12, log_every=5, checkpoint_every=7, val_every=4,
+                  validate=lambda state: training.evaluate(evaluator, state, val_sampler, 2))
+
+    def killed_at_10(record):
+        if record['step'] == 10 and 'split' not in record:
+            raise _Killed
+
+    whole = training.train(learner, sampler(), out_dir=tmp_path / 'whole',
+                           on_progress=lambda r: None, **common)
+    with pytest.raises(_Killed):
+        training.train(learner, sampler(), out_dir=tmp_path / 'resumed', on_progress=killed_at_10,
+                       **common)
+    run = tmp_path / 'resumed'
+    assert [r['step'] for r in plots.read_history(run / training.HISTORY_FILE)[0]] == [5, 10]
+    assert tf.train.latest_checkpoint(str(run / 'checkpoints')).endswith('ckpt-7')
+    (run / 'checkpoints' / 'ckpt-12_temp').mkdir()        # as a save killed mid-way leaves it
+    (run / 'checkpoints' / 'ckpt-12_temp' / 'part-00000-of-00001.index').write_bytes(b'partial')
+    resumed = training.train(learner, sampler(), out_dir=run, resume=True,
+                             on_progress=lambda r: None, **common)
+    assert not (run / 'checkpoints' / 'ckpt-12_temp').exists()
+    assert resumed.step == 12 and len(resumed.losses) == 5 and resumed.best == whole.best
+
+    records, events = _logged(tmp_path / 'whole')
+    assert [(r.get('split', 'train'), r['step']) for r in records] == [
+        ('val', 4), ('train', 5), ('val', 8), ('train', 10), ('train', 12), ('val', 12)]
+    assert sorted(events['train']) == [(tag, step) for tag in ('accuracy', 'loss')
+                                       for step in (5, 10, 12)]
+    assert ('accuracy_ci95', 8) in events['val']
+    assert _logged(run) == (records, events)            # one value per tag and step, the same
+    np.testing.assert_allclose(records[3]['loss'], np.mean(whole.losses[5:10]), rtol=1e-12)
+
+
+def test_resume_without_a_checkpoint_or_after_the_end(tmp_path):
+    """Resuming a folder without checkpoints is an error naming it; resuming a finished run
+    returns its best validation (from its history), without training."""
+    learner, sampler = _tiny_maml(tmp_path)
+    common = dict(log_every=2, checkpoint_every=2, summaries=False, on_progress=lambda r: None)
+    with pytest.raises(ValueError, match=f'cannot resume: {tmp_path / "run"} holds no checkpoint'
+                                         '.*leave out resume'):
+        training.train(learner, sampler(), out_dir=tmp_path / 'run', steps=2, resume=True,
+                       **common)
+    validate = lambda state: {'accuracy': 0.5, 'accuracy_ci95': 0.1}
+    done = training.train(learner, sampler(), out_dir=tmp_path / 'run', steps=2, val_every=1,
+                          validate=validate, **common)
+    again = training.train(learner, sampler(), out_dir=tmp_path / 'run', steps=2, resume=True,
+                           **common)
+    assert done.best == again.best == {'step': 1, 'accuracy': 0.5, 'accuracy_ci95': 0.1}
+    assert again.losses == [] and again.checkpoint.endswith('ckpt-2')
 
 def test_lr_schedule_reaches_the_compiled_step(tmp_path):
     """With the rate cut a hundredfold after every step, the second update moves the weights
