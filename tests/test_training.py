@@ -292,6 +292,9 @@ def test_resume_without_a_checkpoint_or_after_the_end(tmp_path):
                            **common)
     assert done.best == again.best == {'step': 1, 'accuracy': 0.5, 'accuracy_ci95': 0.1}
     assert again.losses == [] and again.checkpoint.endswith('ckpt-2')
+    with pytest.raises(app.UsageError, match='--resume: --out_dir=.* holds no checkpoint'):
+        run_binary(train_bin, ['--algorithm=maml', '--data=sinusoid', '--resume',
+                               f'--out_dir={tmp_path / "empty"}'])
 
 def test_lr_schedule_reaches_the_compiled_step(tmp_path):
     """With the rate cut a hundredfold after every step, the second update moves the weights
@@ -360,6 +363,47 @@ def test_absurd_outer_lr_exits_naming_the_step(tmp_path):
     assert 'step 2' in str(caught.value.code) and 'ckpt-1' in str(caught.value.code)
     assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('ckpt-1')
 
+
+def test_divergence_threshold_is_far_above_chance():
+    protonet = configs.make_config('protonet', data='synthetic', n_way=20)
+    assert training.divergence_threshold(protonet) == pytest.approx(10 * math.log(20) + 10)
+    assert training.divergence_threshold(configs.make_config('maml', data='sinusoid')) is None
+
+
+def test_diverging_protonet_stops_with_the_last_good_checkpoint(tmp_path):
+    """ProtoNet at an outer rate of 1e6: the loss jumps from about log(3) to ~1e9 at step 2 and
+    stays finite. Three windows above the threshold stop the run at step 6; nothing after step 1
+    is saved, as latest or best, though every validation scores higher than the one before."""
+    config = configs.make_config('protonet', data='synthetic', channels=4, image_shape=[16, 16, 1],
+                                 n_way=3, k_shot=1, q_query=2, meta_batch=2, outer_lr=1e6)
+    learner = training.make_learner(config, jit_compile=False)
+    sampler = training.make_sampler(data.synthetic(8, 5, (16, 16, 1), seed=3), n_way=3, k_shot=1,
+                                    q_query=2, meta_batch=2, seed=5)
+    records = []
+    validations = iter(range(1, 100))
+    with pytest.raises(checkpoints.DivergedError, match='diverged.*ckpt-1') as caught:
+        training.train(learner, sampler, out_dir=tmp_path, steps=50, log_every=2,
+                       checkpoint_every=1, val_every=1, summaries=False, on_progress=records.append,
+                       validate=lambda state: {'accuracy': next(validations) / 100})
+    assert caught.value.step == 6
+    losses = [r['loss'] for r in records if 'split' not in r]
+    assert len(losses) == 3 and min(losses) > 1e6 and all(map(math.isfinite, losses))
+    store = checkpoints.Checkpoints(tmp_path, learner.init(0))
+    assert [Path(p).name for p in store.candidates()] == ['ckpt-1']
+    assert [Path(p).name for p in store.candidates('best')] == ['ckpt-1']
+
+
+def test_diverging_run_exits_naming_the_last_good_checkpoint(tmp_path):
+    """fm-train stops a diverging ProtoNet run with a message, not 'trained'."""
+    with pytest.raises(SystemExit) as caught:
+        run_binary(train_bin, ['--algorithm=protonet', '--data=synthetic', '--channels=4',
+                               '--n_way=3', '--k_shot=1', '--q_query=1', '--meta_batch=1',
+                               '--outer_lr=1e6', '--steps=50', '--log_every=1',
+                               '--checkpoint_every=1', '--val_every=0', '--nojit',
+                               f'--out_dir={tmp_path}'])
+    message = str(caught.value.code)
+    assert message.startswith('fm-train: stopped: the loss diverged') and 'ckpt-1' in message
+    assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('ckpt-1')
 
 def test_run_without_validation_says_so(tmp_path, capsys):
     run_binary(train_bin, ['--algorithm=maml', '--data=sinusoid', '--hidden=8', '--nojit',
