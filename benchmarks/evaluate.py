@@ -13,10 +13,13 @@ Examples:
 import json
 import os
 
-from absl import app, flags
+from pathlib import Path
 
-from benchmarks import run_flags
-from functional_meta import checkpoints, configs, training
+from absl import app, flags, logging
+
+import benchmarks
+from benchmarks import flag_groups, run_flags
+from functional_meta import configs              # free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
 
@@ -100,6 +103,8 @@ def main(argv):
     n_way = FLAGS.n_way or (base.get("test_n_way") or base.get("n_way", 5))
     k_shot = FLAGS.k_shot or base.get("k_shot", 1)
     q_query = FLAGS.q_query or (base["q_query"] if base.get("family") == "maml" else 15)
+    benchmarks.start_tensorflow()
+    from functional_meta import checkpoints, training
     try:
         splits = training.load_splits(data_config)
     except ValueError as error:
@@ -126,6 +131,9 @@ def main(argv):
     for path, config in zip(paths, stored):
         learner = training.make_learner(config, jit_compile=FLAGS.jit)
         state, info, found = checkpoints.restore_state(learner, path)
+        if not os.path.exists(f"{path}.index") and Path(found).parent.name != "best":
+            logging.warning("%s holds no best checkpoint (its run never validated): scoring the "
+                            "latest, %s", path, found)
         for steps in _inner_steps(config):
             try:
                 evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
@@ -133,13 +141,13 @@ def main(argv):
             except ValueError as error:
                 raise app.UsageError(f"bad flags: {error}") from None
             result = training.evaluate(evaluator, state, sampler, FLAGS.num_episodes)
-            _report(f"{config['algorithm']} {path}", result,
+            _report(f"{config['algorithm']} {found} (step {info['step']})", result,
                     dict(settings, method="model", algorithm=config["algorithm"],
                          checkpoint=found, step=info["step"], inner_steps=steps))
 
 
 def run():
-    app.run(main)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

@@ -8,26 +8,28 @@ by default, --first_order, --lr_mode=metasgd|lslr, --msl, --recompute). Examples
   fm-maml-bench --device=cpu --mode=function --steps=50 --profile_dir=/tmp/trace
   fm-maml-bench --data=omniglot --data_path=images_background.zip
 
-See benchmarks/common.py for the method and functional_meta/flops.py for what FLOPs count.
+See benchmarks/runner.py for the method and functional_meta/flops.py for what FLOPs count.
 """
 
 from absl import app, flags
 
-from benchmarks import common
-from functional_meta import distribute, flops, maml, presets
+import benchmarks
+from benchmarks import flag_groups
+from functional_meta import flops, presets     # free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
-common.define_flags("maml")
-flags.adopt_module_key_flags(common)
+flag_groups.define_flags("maml")
+flags.adopt_module_key_flags(flag_groups)
 
 
 def build_step(config, jit_compile, strategy=None):
     """The compiled MAML train step of ``config`` (split over ``strategy``'s replicas when
     given), its state, FLOPs and settings."""
+    from functional_meta import distribute, maml
     init, apply = presets.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
-    options = common.maml_options(config, strategy.num_replicas_in_sync if strategy else 1)
+    options = flag_groups.maml_options(config, strategy.num_replicas_in_sync if strategy else 1)
     step = distribute.make_train_step(strategy, "maml", apply, meta_batch=config["meta_batch"],
                                       jit_compile=jit_compile, **options)
     step_flops = flops.maml_step(config, first_order=FLAGS.first_order, multi_step_loss=FLAGS.msl)
@@ -40,11 +42,13 @@ def build_step(config, jit_compile, strategy=None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.run_benchmark("maml", build_step)
+    benchmarks.start_tensorflow()
+    from benchmarks import runner
+    runner.run_benchmark("maml", build_step)
 
 
 def run():
-    common.run_binary(main, __name__)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

@@ -14,27 +14,29 @@ Each logged row is printed and, with --output, appended as one JSON line.
 
 import json
 
-import tensorflow as tf
 from absl import app, flags, logging
 
-from benchmarks import common
-from functional_meta import maml, presets, second_order
+import benchmarks
+from benchmarks import flag_groups
+from functional_meta import presets              # free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
-common.define_model_flags("maml")
-common.define_episode_flags("maml")
-common.define_maml_flags()
-common.define_data_flags()
-common.define_device_flags()
+flag_groups.define_model_flags("maml")
+flag_groups.define_episode_flags("maml")
+flag_groups.define_maml_flags()
+flag_groups.define_data_flags()
+flag_groups.define_device_flags()
 flags.DEFINE_integer("train_steps", 200, "Meta-training steps.", lower_bound=1)
 flags.DEFINE_integer("log_every", 20, "Measure the second-order term every this many steps.",
                      lower_bound=1)
 flags.DEFINE_string("output", None, "Append one JSON line per measurement to this file.")
-flags.adopt_module_key_flags(common)
+flags.adopt_module_key_flags(flag_groups)
 
 
 def make_study(apply_fn, config):
     """A compiled function of (state, tasks) giving the split and the curvature."""
+    import tensorflow as tf
+    from functional_meta import second_order
     kwargs = dict(inner_steps=config["inner_steps"], loss=config["loss"])
 
     @tf.function(jit_compile=True, autograph=False)
@@ -56,13 +58,16 @@ def make_study(apply_fn, config):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    device = common.choose_device(FLAGS.device)
-    config = common.config_from_flags("maml")
-    next_batch, _ = common.input_batches(config, FLAGS.data, FLAGS.data_path, FLAGS.seed)
+    benchmarks.start_tensorflow()
+    from benchmarks import runner
+    from functional_meta import maml
+    device = runner.choose_device(FLAGS.device)
+    config = flag_groups.config_from_flags("maml")
+    next_batch, _ = runner.input_batches(config, FLAGS.data, FLAGS.data_path, FLAGS.seed)
     init, apply = presets.network(config)
     steps = config["inner_steps"]
     state = maml.init_state(init(FLAGS.seed), config["inner_lr"], FLAGS.lr_mode, steps)
-    train = maml.make_train_step(apply, **common.maml_options(config))
+    train = maml.make_train_step(apply, **flag_groups.maml_options(config))
     study = make_study(apply, config)
     logging.info("studying %s on %s (%s)", config["name"], FLAGS.data, device)
     for step in range(1, FLAGS.train_steps + 1):
@@ -87,7 +92,7 @@ def main(argv):
 
 
 def run():
-    common.run_binary(main, __name__)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

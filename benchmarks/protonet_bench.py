@@ -7,22 +7,24 @@ Starts from a preset and overrides any field by flag. Examples:
   fm-protonet-bench --preset=protonet_miniimagenet --n_way=20 --json
   fm-protonet-bench --device=cpu --mode=xla --meta_batch=4 --metric=cosine
 
-See benchmarks/common.py for the method and functional_meta/flops.py for what FLOPs count.
+See benchmarks/runner.py for the method and functional_meta/flops.py for what FLOPs count.
 """
 
 from absl import app, flags
 
-from benchmarks import common
-from functional_meta import distribute, flops, presets, protonet
+import benchmarks
+from benchmarks import flag_groups
+from functional_meta import flops, presets     # free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
-common.define_flags("protonet")
-flags.adopt_module_key_flags(common)
+flag_groups.define_flags("protonet")
+flags.adopt_module_key_flags(flag_groups)
 
 
 def build_step(config, jit_compile, strategy=None):
     """The compiled ProtoNet train step of ``config`` (split over ``strategy``'s replicas when
     given), its state, FLOPs and settings."""
+    from functional_meta import distribute, protonet
     init, apply = presets.network(config)
     state = protonet.init_state(init(FLAGS.seed))
     options = dict(n_way=config["n_way"], lr=config["outer_lr"], metric=FLAGS.metric)
@@ -34,11 +36,13 @@ def build_step(config, jit_compile, strategy=None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.run_benchmark("protonet", build_step)
+    benchmarks.start_tensorflow()
+    from benchmarks import runner
+    runner.run_benchmark("protonet", build_step)
 
 
 def run():
-    common.run_binary(main, __name__)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 
 from absl import app, flags, logging
 
-from benchmarks import common
+from benchmarks import flag_groups
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("bench", "maml", ["maml", "protonet"], "Which benchmark binary to run.")
@@ -142,7 +142,7 @@ def main(argv):
     points = grid_points(grid)
     for point in points:  # every point's flags are valid before anything runs
         try:
-            common.parse_flags(FLAGS.bench, [*base_args, *_args(point)])
+            flag_groups.parse_flags(FLAGS.bench, [*base_args, *_args(point)])
         except flags.Error as e:
             raise app.UsageError(f"grid point {' '.join(_args(point))}: {e}")
     rows = []
@@ -171,7 +171,7 @@ def main(argv):
 
 
 def run():
-    common.run_binary(main, __name__)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

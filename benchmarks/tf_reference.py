@@ -23,7 +23,7 @@ that the fused batch norm is exact in second order. Not used by the library.
 import tensorflow as tf
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import flag_groups, report, runner
 from functional_meta import maml, nets, optim, presets, training
 
 FLAGS = flags.FLAGS
@@ -36,21 +36,21 @@ def define_flags():
     beside the other binaries, whose flags share names such as ``--n_way``)."""
     flags.DEFINE_enum("preset", "maml_omniglot_5way", MAML_PRESETS,
                       "Configuration to run (the conv4 MAML presets of functional_meta.presets).")
-    common.define_episode_flags("maml")
+    flag_groups.define_episode_flags("maml")
     flags.DEFINE_integer("inner_steps", None, "Inner SGD steps; default: the preset's.",
                          lower_bound=1)
-    flags.DEFINE_enum("mode", "xla", list(common.MODES),
+    flags.DEFINE_enum("mode", "xla", list(flag_groups.MODES),
                       "xla: the step in tf.function(jit_compile=True), tasks unrolled; function: "
                       "tf.function without XLA; eager: op by op, as the tutorial runs it.")
     flags.DEFINE_bool("interleaved", False, "Also compile the library's step as fm-maml-bench runs "
                       "it on the CPU (same batch and initial weights, default task chunks) and "
-                      f"time both in alternating rounds of {common.INTERLEAVE_ROUND} steps, so "
+                      f"time both in alternating rounds of {runner.INTERLEAVE_ROUND} steps, so "
                       "that the machine's drift between runs hits both alike; prints the "
                       "library's rows and the speedup (ratio of the median step times). Needs "
                       "--mode=xla.")
     flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
                          "synthetic batch (fm-maml-bench's, for the same --seed).", lower_bound=0)
-    common.define_benchmark_flags()
+    flag_groups.define_benchmark_flags()
 
 
 def _batch_norm(x, scale, offset):
@@ -120,7 +120,7 @@ def _interleaved_with_library(config, apply, weights, step, state, next_batch):
     chunk = training.default_task_chunk(config)
     library = maml.make_train_step(apply, inner_steps=config["inner_steps"],
                                    outer_lr=config["outer_lr"], task_chunk=chunk)
-    timings = common.time_interleaved(
+    timings = runner.time_interleaved(
         {"reference": (step, state),
          "library": (library, maml.init_state(weights, config["inner_lr"]))},
         next_batch, FLAGS.steps, FLAGS.warmup)
@@ -128,11 +128,11 @@ def _interleaved_with_library(config, apply, weights, step, state, next_batch):
     speedup = timing["step_s"]["median"] / lib["step_s"]["median"]
     lib_record = {"config": config, "steps": FLAGS.steps, "warmup": FLAGS.warmup, **lib}
     extra = {"library": {**lib, "task_chunk": chunk,
-                         "tasks_per_s": common.throughput(lib_record)[0]}, "speedup": speedup}
-    rounds = f"alternating rounds of {common.INTERLEAVE_ROUND} steps"
+                         "tasks_per_s": report.throughput(lib_record)[0]}, "speedup": speedup}
+    rounds = f"alternating rounds of {runner.INTERLEAVE_ROUND} steps"
     rows = [("library", f"functional_meta's step (task chunks of {chunk or 'all'}), timed in "
                         f"{rounds} with the one above"),
-            *common.timing_rows(lib_record),
+            *report.timing_rows(lib_record),
             ("speedup", f"{speedup:.3f}x (the reference's median step time over the library's)")]
     return timing, extra, rows
 
@@ -149,10 +149,10 @@ def main(argv):
     if FLAGS.interleaved and FLAGS.profile_dir:
         raise app.UsageError("--interleaved and --profile_dir: profile one step at a time "
                              "(fm-tf-reference or fm-maml-bench with --profile_dir)")
-    common.choose_device("cpu")                     # the CPU, as the side-by-side pairs
+    runner.choose_device("cpu")                     # the CPU, as the side-by-side pairs
     init, apply = presets.network(config)
     weights = init(FLAGS.seed)
-    next_batch, _ = common.input_batches(config, "synthetic", None, FLAGS.seed)
+    next_batch, _ = runner.input_batches(config, "synthetic", None, FLAGS.seed)
     step = make_train_step(config, FLAGS.mode)
     state = (weights, optim.adam_init(weights))
     extra, more_rows = {}, []
@@ -160,9 +160,9 @@ def main(argv):
         timing, extra, more_rows = _interleaved_with_library(config, apply, weights, step, state,
                                                              next_batch)
     else:
-        timing = common.time_steps(step, state, next_batch, FLAGS.steps, FLAGS.warmup,
+        timing = runner.time_steps(step, state, next_batch, FLAGS.steps, FLAGS.warmup,
                                    FLAGS.profile_dir)
-    common.report_reference(
+    report.report_reference(
         "tf_reference",
         f"Straightforward TensorFlow {tf.__version__} MAML, {FLAGS.preset} ({config['n_way']}-way "
         f"{config['k_shot']}-shot {config['q_query']}-query, meta-batch {config['meta_batch']}, "
@@ -173,7 +173,7 @@ def main(argv):
 
 def run():
     define_flags()
-    common.run_binary(main, __name__)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

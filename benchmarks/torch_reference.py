@@ -18,8 +18,9 @@ loss and gradient. Needs PyTorch: ``pip install -e '.[reference]'``. Not used by
 
 from absl import app, flags
 
-from benchmarks import common
-from functional_meta import nets, presets
+import benchmarks
+from benchmarks import flag_groups, report
+from functional_meta import presets              # free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
 CONV4_PRESETS = sorted(name for name, c in presets.PRESETS.items() if c["net"] == "conv4")
@@ -30,7 +31,7 @@ def define_flags():
     beside the other binaries, whose flags share names such as ``--n_way``)."""
     flags.DEFINE_enum("preset", "maml_omniglot_5way", CONV4_PRESETS,
                       "Configuration to run (the conv4 presets of functional_meta.presets).")
-    common.define_episode_flags(None)          # the same four flags for either family
+    flag_groups.define_episode_flags(None)          # the same four flags for either family
     flags.DEFINE_integer("inner_steps", None, "MAML inner SGD steps; default: the preset's.",
                          lower_bound=1)
     flags.DEFINE_integer("steps", 20, "Timed steps (after --warmup untimed ones).", lower_bound=1)
@@ -70,6 +71,7 @@ def from_library_weights(weights):
 def _same_pad(x, stride):
     """TensorFlow's 'SAME' padding of NCHW ``x`` (``nets._same_padding``: an odd total puts the
     extra row or column at the bottom or right)."""
+    from functional_meta import nets
     (_, rows), (_, cols) = (nets._same_padding(size, stride) for size in x.shape[2:])
     return _torch().nn.functional.pad(x, cols + rows)       # F.pad lists the last axis first
 
@@ -161,6 +163,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     torch = _torch()
+    benchmarks.start_tensorflow()                # the library's initial weights
+    from benchmarks import runner
     overrides = {name: FLAGS[name].value for name in
                  ("n_way", "k_shot", "q_query", "meta_batch", "inner_steps")}
     if presets.PRESETS[FLAGS.preset]["family"] == "protonet" and overrides["inner_steps"]:
@@ -173,9 +177,9 @@ def main(argv):
     step = build_step(config, from_library_weights(init(FLAGS.seed)))
     # The benchmarks' own timing (first call apart, median of the timed steps), so both sides of
     # a side-by-side pair are measured alike.
-    timing = common.time_steps(lambda state, batch: (state, {"loss": step()}), None,
+    timing = runner.time_steps(lambda state, batch: (state, {"loss": step()}), None,
                                lambda: None, FLAGS.steps, FLAGS.warmup)
-    common.report_reference(
+    report.report_reference(
         "torch_reference",
         f"PyTorch {torch.__version__} reference, {FLAGS.preset} ({config['n_way']}-way "
         f"{config['k_shot']}-shot {config['q_query']}-query, meta-batch {config['meta_batch']}), "
@@ -185,7 +189,7 @@ def main(argv):
 
 def run():
     define_flags()
-    common.run_binary(main, __name__)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

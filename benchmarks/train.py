@@ -13,15 +13,17 @@ Examples:
 """
 
 import functools
+import importlib
 import os
 import sys
+import tempfile
 import time
 
-import tensorflow as tf
 from absl import app, flags, logging
 
-from benchmarks import common, run_flags
-from functional_meta import checkpoints, configs, distribute, presets, training
+import benchmarks
+from benchmarks import flag_groups, run_flags
+from functional_meta import configs, presets       # both free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
 
@@ -129,7 +131,7 @@ def config_from_flags():
 
 
 def _draw(out_dir, config, learner, checkpoints_kept, held_out):
-    from functional_meta import plots
+    from functional_meta import checkpoints, plots, training
     drawn = [plots.learning_curves(os.path.join(out_dir, training.HISTORY_FILE),
                                    os.path.join(out_dir, "learning_curves.png"),
                                    title=f"{config['algorithm']} ({config['preset']})")]
@@ -149,21 +151,40 @@ def _draw(out_dir, config, learner, checkpoints_kept, held_out):
         logging.info("wrote %s", path)
 
 
+def check_out_dir(path):
+    """``app.UsageError`` naming ``--out_dir`` unless the folder exists or can be made, and a file
+    can be written in it: found before any work, not at the first checkpoint."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise app.UsageError(f"--out_dir={path} is not a folder this process can write to: "
+                             f"{error.strerror or error}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     for name in ("algorithm", "out_dir"):           # checked here, not by a flag validator, so
         if not FLAGS[name].value:                   # other binaries can share this process
             raise app.UsageError(f"--{name} is required")
+    check_out_dir(FLAGS.out_dir)
+    if FLAGS.plots:                                 # at the start, not after training
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            raise app.UsageError("--plots needs matplotlib: pip install 'functional_meta[plot]' "
+                                 "(or pip install matplotlib)") from None
+    tf = benchmarks.start_tensorflow()
+    from benchmarks import runner
+    from functional_meta import checkpoints, distribute, training
     # First TensorFlow call: multi-worker collectives must be configured before any other.
-    strategy = common.make_strategy(FLAGS.strategy, FLAGS.logical_cpus)
+    strategy = runner.make_strategy(FLAGS.strategy, FLAGS.logical_cpus)
     config = config_from_flags()
     if checkpoints.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
         raise app.UsageError(f"--out_dir={FLAGS.out_dir} already holds checkpoints: pass --resume "
                              "to continue that run, or choose another --out_dir")
-    if FLAGS.resume and not checkpoints.has_checkpoints(FLAGS.out_dir):
-        raise app.UsageError(f"--resume: --out_dir={FLAGS.out_dir} holds no checkpoint to "
-                             "continue; leave out --resume to start a new run there")
     try:
         train_classes, val_classes, test_classes = training.load_splits(config)
     except ValueError as error:
@@ -216,14 +237,13 @@ def main(argv):
                                     checkpoint_every=FLAGS.checkpoint_every, keep=FLAGS.keep,
                                     validate=validate, val_every=FLAGS.val_every,
                                     resume=FLAGS.resume, restore_from=FLAGS.out_dir)
-    except checkpoints.TrainingStopped as error:        # a non-finite or diverging loss
+    except checkpoints.NonFiniteError as error:
         sys.exit(f"fm-train: stopped: {error}")
     except ValueError as error:          # e.g. an existing run without --resume
         sys.exit(f"fm-train: {error}")
     elapsed = time.perf_counter() - start
     best = "none (no validation ran)" if result.best is None else result.best
-    done = "trained" if result.losses else "already trained"       # a finished run resumed
-    print(f"{done} {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
+    print(f"trained {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
           f"best validation: {best}; last checkpoint: {result.checkpoint}")
     if FLAGS.plots:
         kept = checkpoints.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()
@@ -232,7 +252,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    flag_groups.run_binary(main, __name__)
 
 
 if __name__ == "__main__":

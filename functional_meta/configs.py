@@ -3,6 +3,9 @@
 A config is a plain JSON-able dict. ``train`` stores it as ``config.json`` in the run folder, so
 evaluation can rebuild the network and a resume can refuse a changed config
 (``check_same_config``).
+
+This module and ``presets`` do not import TensorFlow, so that the binaries can define and check
+their flags before they import it.
 """
 
 import json
@@ -12,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from functional_meta import data as data_lib
-from functional_meta import episodes, presets, protonet
+from functional_meta import choices, presets
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "protonet", "pretrain")
 LR_MODES = ("fixed", "metasgd", "lslr")
-DATA_SOURCES = data_lib.SOURCES + ("sinusoid",)
+DATA_SOURCES = choices.IMAGE_SOURCES + ("sinusoid",)
 CONFIG_FILE = "config.json"
 # Fields that may change when a run is resumed (everything else must match the stored config).
 RUN_FIELDS = ("steps",)
@@ -101,8 +103,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
         raise ValueError("lr_mode applies to MAML's inner loop; protonet has none")
     if algorithm == "pretrain" and lr_mode != "fixed":
         raise ValueError("algorithm='pretrain' fine-tunes with a fixed inner_lr; leave lr_mode unset")
-    if metric not in protonet.METRICS:
-        raise ValueError(f"metric must be one of {list(protonet.METRICS)}, got {metric!r}")
+    if metric not in choices.METRICS:
+        raise ValueError(f"metric must be one of {list(choices.METRICS)}, got {metric!r}")
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
                   first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
                   lr_decay=lr_decay, augment_shift=augment_shift, augment_rotate=augment_rotate,
@@ -137,6 +139,7 @@ def check_config(config):
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1] (the factor applied every lr_decay_every "
                          f"steps), got {decay!r}")
+    from functional_meta import episodes        # here: it imports TensorFlow
     episodes.check_warp(config["augment_rotate"], config["augment_scale"])
     shape = tuple(config.get("image_shape", ()))
     for name in AUGMENT_FIELDS:

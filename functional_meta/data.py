@@ -15,6 +15,8 @@ from typing import List, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from functional_meta import choices
+
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 ROTATIONS = (90, 180, 270)
 
@@ -308,7 +310,7 @@ def sinusoid_tasks(meta_batch, k_support, k_query, rng=0):
                          amplitude.astype(np.float32), phase.astype(np.float32))
 
 
-SOURCES = ('synthetic', 'omniglot', 'omniglot_tfds', 'mnist', 'mnist_tfds', 'folder')
+SOURCES = choices.IMAGE_SOURCES
 
 
 def load(source, path=None, split='train', image_size=28, rotations=False, image_shape=(28, 28, 1),

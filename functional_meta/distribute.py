@@ -43,9 +43,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from functional_meta import maml, protonet
+from functional_meta import choices, maml, protonet
 
-STRATEGIES = ("none", "mirrored", "multiworker")
+STRATEGIES = choices.STRATEGIES
 ALGORITHMS = ("maml", "protonet")
 _PARTS = {"maml": maml.train_step_parts, "protonet": protonet.train_step_parts}
 

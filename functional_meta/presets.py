@@ -7,8 +7,6 @@ its reference code), Prototypical Networks (Snell et al. 2017, Section 3).
 
 import math
 
-from functional_meta import nets
-
 # Fields: net ('conv4' | 'mlp'), channels, pool, image_shape, hidden (mlp), n_way, k_shot, q_query,
 # meta_batch, inner_steps, test_inner_steps, inner_lr, outer_lr, loss, data.
 PRESETS = {
@@ -65,6 +63,7 @@ def get(name, **overrides):
 def network(config, n_way=None):
     """``(init, apply)`` for a preset's network; ``n_way`` overrides the head size (``None`` keeps
     the config's; ProtoNet configs have no head)."""
+    from functional_meta import nets            # here: the presets stay free of TensorFlow
     way = n_way or config["n_way"]
     if config["net"] == "conv4":
         head = None if config["family"] == "protonet" else way

@@ -22,9 +22,9 @@ Typical use::
 import numpy as np
 import tensorflow as tf
 
-from functional_meta import metrics, optim
+from functional_meta import choices, metrics, optim
 
-METRICS = ("euclidean", "cosine")
+METRICS = choices.METRICS
 
 # Norms below this are treated as this value when normalising for the cosine distance, so a zero
 # embedding has distance 1 to everything and a finite (zero) gradient.

@@ -2,7 +2,7 @@
 analytic FLOP counts (against hand counts and against the products XLA actually compiles).
 
 The binaries define global absl flags, so they are never imported here: flag validation is tested
-through ``common.parse_flags`` (a private ``FlagValues``) and everything else through subprocesses,
+through ``flag_groups.parse_flags`` (a private ``FlagValues``) and everything else through subprocesses,
 kept to a handful because each one imports TensorFlow.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import flag_groups, runner
 from functional_meta import data, flops, maml, presets, protonet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +124,10 @@ def test_data_dependent_flag_errors_exit_before_compiling():
 def test_too_many_ways_for_the_data_names_n_way():
     config = presets.get("maml_omniglot_5way", n_way=5)
     with pytest.raises(app.UsageError, match="--n_way=5 but --data=synthetic_classes has 4"):
-        common.check_classes(config, data.synthetic(4, 20, (28, 28, 1)), "synthetic_classes")
-    common.check_classes(config, data.synthetic(5, 2, (28, 28, 1)), "synthetic_classes")
+        runner.check_classes(config, data.synthetic(4, 20, (28, 28, 1)), "synthetic_classes")
+    runner.check_classes(config, data.synthetic(5, 2, (28, 28, 1)), "synthetic_classes")
     with pytest.raises(app.UsageError, match="--image_shape=28,28,1"):
-        common.check_classes(config, data.synthetic(5, 2, (14, 14, 1)), "synthetic_classes")
+        runner.check_classes(config, data.synthetic(5, 2, (14, 14, 1)), "synthetic_classes")
 
 
 @pytest.mark.parametrize("family, args, named", [
@@ -147,13 +147,13 @@ def test_too_many_ways_for_the_data_names_n_way():
 ])
 def test_invalid_flags_are_rejected_while_parsing_and_named(family, args, named):
     with pytest.raises(flags.Error, match=re.escape(named)):
-        common.parse_flags(family, args)
+        flag_groups.parse_flags(family, args)
 
 
 def test_flags_override_the_preset_and_unset_flags_keep_it():
-    fv = common.parse_flags("maml", ["--preset=maml_omniglot_20way", "--inner_steps=2",
+    fv = flag_groups.parse_flags("maml", ["--preset=maml_omniglot_20way", "--inner_steps=2",
                                      "--image_shape=14,14,1"])
-    config = common.config_from_flags("maml", fv)
+    config = flag_groups.config_from_flags("maml", fv)
     expected = dict(presets.PRESETS["maml_omniglot_20way"], inner_steps=2, image_shape=(14, 14, 1))
     assert {k: config[k] for k in expected} == expected
 
@@ -218,7 +218,7 @@ def compiled_flops(hlo, ops=("dot", "convolution")):
 
 
 def _tasks(config, seed=0):
-    return tuple(tf.constant(a) for a in common.synthetic_batch(config, seed))
+    return tuple(tf.constant(a) for a in runner.synthetic_batch(config, seed))
 
 
 @pytest.mark.parametrize("first_order, msl", [(False, True), (True, False)])
@@ -270,7 +270,7 @@ def test_time_interleaved_alternates_rounds_and_rotates_who_goes_first():
             return state + 1, {"loss": float(state)}
         return step
 
-    timings = common.time_interleaved({"a": (fake("a"), 0), "b": (fake("b"), 10)},
+    timings = runner.time_interleaved({"a": (fake("a"), 0), "b": (fake("b"), 10)},
                                       lambda: None, steps=4, warmup=2, per_round=3)
     # First call and one more warm-up call each, then rounds of 3 (a first, then b first).
     assert calls == ["a", "a", "b", "b"] + ["a"] * 3 + ["b"] * 3 + ["b", "a"]
