@@ -5,15 +5,18 @@ Sources: Omniglot (official zips/folders or TFDS), MNIST (Keras ``.npz`` or TFDS
 synthetic classes, plus class splits/selection and the MAML sinusoid regression tasks.
 """
 
+import collections
 import dataclasses
 import math
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import List, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from functional_meta import choices
 
@@ -133,16 +136,19 @@ def _decode_one(blob, channels):
 
 
 def _decode(blobs, files, channels, image_size, invert):
-    """Encoded images -> uint8 ``[n, H, W, channels]``, decoded in parallel with tf.data.
+    """Encoded images -> uint8 ``[n, H, W, channels]`` and a ``Counter`` of the decoded images'
+    ``(height, width)`` before any resize, decoded in parallel with tf.data.
 
     On failure each file is decoded alone to name the one that is corrupt or of a different size.
     """
     def fn(blob):
-        return _preprocess(_decode_one(blob, channels), channels, image_size, invert)
+        image = _decode_one(blob, channels)
+        return _preprocess(image, channels, image_size, invert), tf.shape(image)[:2]
     try:
         ds = tf.data.Dataset.from_tensor_slices(tf.constant(blobs, dtype=tf.string))
         ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
-        return np.concatenate(list(ds.as_numpy_iterator()))
+        images, sizes = zip(*ds.as_numpy_iterator())
+        return np.concatenate(images), collections.Counter(map(tuple, np.concatenate(sizes)))
     except tf.errors.OpError as error:
         shape = None
         for blob, file in zip(blobs, files):
@@ -158,22 +164,52 @@ def _decode(blobs, files, channels, image_size, invert):
 
 
 def _load_files(entries, channels, image_size, invert):
-    """``entries``: (class name, group, file name, encoded bytes) -> ``ClassData``, classes sorted
-    by name, files sorted within a class."""
+    """``entries``: (class name, group, file name, encoded bytes) -> ``ClassData`` (classes sorted
+    by name, files sorted within a class) and the ``Counter`` of the files' sizes (``_decode``)."""
     entries = sorted(entries, key=lambda e: (e[0], e[2]))
-    images = _decode([e[3] for e in entries], [e[2] for e in entries], channels, image_size, invert)
+    images, sizes = _decode([e[3] for e in entries], [e[2] for e in entries], channels,
+                            image_size, invert)
     labels = np.array([e[0] for e in entries])
     group_of = {e[0]: e[1] for e in entries}
-    return _from_labels(images, labels, str, group_of.get)
+    return _from_labels(images, labels, str, group_of.get), sizes
+
+
+def _looks_like_zip(path):
+    """A file named ``*.zip`` or starting with a zip signature, readable or not."""
+    if path.suffix.lower() == '.zip':
+        return True
+    with open(path, 'rb') as f:
+        return f.read(2) == b'PK'
+
+
+def _read_zip(path, keep):
+    """``(member name, bytes)`` of the members of the zip file ``path`` whose name passes
+    ``keep``. A damaged archive (e.g. truncated by an interrupted download) or member is a
+    ``ValueError`` naming the file and member, not zipfile's or zlib's traceback."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, OSError):
+        raise ValueError(f"zip file {path} is damaged: its list of members (at the end of the "
+                         "file) cannot be read; it may be truncated, e.g. by an interrupted "
+                         "download: download it again") from None
+    with archive:
+        members = []
+        for name in archive.namelist():
+            if keep(name):
+                try:
+                    members.append((name, archive.read(name)))
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+                    raise ValueError(f"zip file {path} is damaged: member {name} cannot be read "
+                                     f"({error}); download the zip again") from None
+    return members
 
 
 def _omniglot_entries(path):
     """(class, alphabet, file, bytes) for every PNG in an Omniglot zip or extracted folder."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            files = [(n.split('/'), f'{path}:{n}', archive.read(n)) for n in archive.namelist()
-                     if n.lower().endswith('.png') and '__MACOSX' not in n]
+    if path.is_file() and _looks_like_zip(path):
+        files = [(n.split('/'), f'{path}:{n}', blob) for n, blob in _read_zip(
+            path, lambda n: n.lower().endswith('.png') and '__MACOSX' not in n)]
     elif path.is_dir():
         files = [(p.relative_to(path).parts, str(p), p.read_bytes()) for p in path.rglob('*.png')]
     else:
@@ -200,7 +236,7 @@ def omniglot_zip(paths, image_size=28, rotations=False):
         new = _omniglot_entries(path)
         entries += [e for e in new if e[0] not in seen]
         seen |= {e[0] for e in new}
-    data = _load_files(entries, 1, image_size, invert=True)
+    data, _ = _load_files(entries, 1, image_size, invert=True)
     return _with_rotations(data) if rotations else data
 
 
@@ -208,8 +244,11 @@ def image_folder(root, image_size=None, grayscale=False, invert=False):
     """Images in ``root/<class>/*.png|jpg`` or ``root/<group>/<class>/*.png|jpg`` (layout detected).
 
     Class names are ``'class'`` or ``'group/class'``; groups the parent folder (else the class).
-    Without ``image_size`` all images must already share one size. ``grayscale`` gives 1 channel,
-    else 3; ``invert`` maps v -> 255 - v (for dark strokes on white, like Omniglot).
+    Without ``image_size`` all images must already share one size (else a ``ValueError`` names
+    the first that differs). With it every image is area-resized to ``image_size`` squared; the
+    resize is logged once, as a warning naming how many images of which sizes when the folder
+    mixes sizes (their aspect ratios are not kept), else as an info line. ``grayscale`` gives 1
+    channel, else 3; ``invert`` maps v -> 255 - v (for dark strokes on white, like Omniglot).
     """
     root = Path(root)
     if not root.is_dir():
@@ -225,7 +264,19 @@ def image_folder(root, image_size=None, grayscale=False, invert=False):
     for p in files:
         parts = p.relative_to(root).parts[:-1]
         entries.append(('/'.join(parts), parts[0], str(p), p.read_bytes()))
-    return _load_files(entries, 1 if grayscale else 3, image_size, invert)
+    data, sizes = _load_files(entries, 1 if grayscale else 3, image_size, invert)
+    resized = {size: n for size, n in sizes.items() if size != (image_size, image_size)}
+    if image_size is not None and resized:
+        counts = ', '.join(f'{n} of {h}x{w}' for (h, w), n in sorted(
+            resized.items(), key=lambda item: -item[1]))
+        if len(sizes) > 1:
+            logging.warning("image folder %s mixes %d image sizes: resized %d of its %d images "
+                            "(%s) to %dx%d, not keeping their aspect ratios", root, len(sizes),
+                            sum(resized.values()), len(files), counts, image_size, image_size)
+        else:
+            logging.info("image folder %s: resized its %d images (%s) to %dx%d", root,
+                         len(files), counts, image_size, image_size)
+    return data
 
 
 def _load_tfds(name, split, data_dir, image_size, invert, keys):

@@ -112,6 +112,24 @@ def test_omniglot_folder_and_zip_agree_and_dedupe(tmp_path):
     np.testing.assert_allclose(from_zips.images[4][0, ..., 0], np.round(expected[..., 0]), atol=1)
 
 
+def test_omniglot_damaged_zips_are_named(tmp_path):
+    """A member whose bytes changed names the member; a truncated zip is 'damaged'."""
+    _write_omniglot(tmp_path, 'small1', {'Greek': 2})
+    path = _zip_folder(tmp_path / 'small1', tmp_path / 'small1.zip')
+    good = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        member = archive.infolist()[-1]
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    corrupt = bytearray(good)
+    corrupt[start + member.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match=f'small1.zip is damaged: member {member.filename} '):
+        data.omniglot_zip(path)
+    path.write_bytes(good[:len(good) // 2])
+    with pytest.raises(ValueError, match='small1.zip is damaged') as caught:
+        data.load('omniglot', str(path))
+    assert 'not a zip' not in str(caught.value)
+
 def test_omniglot_bad_path(tmp_path):
     with pytest.raises(ValueError, match='nothing'):
         data.omniglot_zip(tmp_path / 'nothing.zip')
@@ -155,12 +173,24 @@ def test_image_folder_corrupt_image_names_the_file(tmp_path):
         data.image_folder(tmp_path)
 
 
-def test_image_folder_mixed_sizes_need_image_size(tmp_path):
+def test_image_folder_mixed_sizes_need_image_size(tmp_path, caplog):
+    """Mixed sizes: an error naming a file without image_size, one warning with it."""
     _write_folder(tmp_path, ['a', 'b'])
     (tmp_path / 'b' / 'big.png').write_bytes(_png(np.zeros((9, 9, 3), np.uint8)))
     with pytest.raises(ValueError, match='big.png'):
         data.image_folder(tmp_path)
-    assert data.image_folder(tmp_path, image_size=5).images[1].shape == (3, 5, 5, 3)
+    with caplog.at_level('INFO'):
+        assert data.image_folder(tmp_path, image_size=5).images[1].shape == (3, 5, 5, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert len(warnings) == 1, warnings
+    assert 'mixes 2 image sizes: resized 5 of its 5 images (4 of 8x6, 1 of 9x9) to 5x5' \
+        in warnings[0]
+    caplog.clear()
+    _write_folder(tmp_path / 'same', ['a', 'b'])
+    with caplog.at_level('INFO'):
+        data.image_folder(tmp_path / 'same', image_size=5)
+    assert [r.levelname for r in caplog.records] == ['INFO']
+    assert 'resized its 4 images (4 of 8x6) to 5x5' in caplog.records[0].getMessage()
 
 
 def test_image_folder_empty_or_missing(tmp_path):
