@@ -97,7 +97,7 @@ def csv_row(point, record):
 
 
 def plot(rows, grid, path):
-    """Tasks/s and peak memory against the first grid flag, one line per other combination."""
+    """Writes ``figure`` for ``--bench`` to the PNG ``path``; ``False`` without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -105,6 +105,17 @@ def plot(rows, grid, path):
     except ImportError:
         print("matplotlib is not installed (pip install 'functional_meta[plot]'): no plot")
         return False
+    fig = figure(rows, grid, FLAGS.bench)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def figure(rows, grid, bench):
+    """Throughput and peak memory against the first grid flag, one line per combination of the
+    others (a matplotlib ``Figure``). Throughput is tasks/s for MAML and episodes/s for ProtoNet,
+    the unit each benchmark reports (``report.throughput``)."""
+    import matplotlib.pyplot as plt
     x_name, x_values = grid[0]
     others = [name for name, _ in grid[1:]]
     numeric = all(v.lstrip("-").replace(".", "", 1).isdigit() for v in x_values)
@@ -113,24 +124,22 @@ def plot(rows, grid, path):
     lines = {}
     for row in rows:
         if not row["error"]:
-            key = ", ".join(f"{n}={row[n]}" for n in others) or FLAGS.bench
+            key = ", ".join(f"{n}={row[n]}" for n in others) or bench
             lines.setdefault(key, []).append(row)
     for key, line in lines.items():
         xs = [position[r[x_name]] for r in line]
         top.plot(xs, [r["tasks_per_s"] for r in line], "o-", label=key)
         bottom.plot(xs, [r["peak_memory_mib"] for r in line], "o-", label=key)
-    top.set_ylabel("tasks / s")
+    top.set_ylabel("episodes / s" if bench == "protonet" else "tasks / s")
     kinds = sorted({r["peak_memory_kind"] for r in rows if not r["error"]})
     bottom.set_ylabel(f"peak memory, MiB ({', '.join(kinds)})")
     bottom.set_xlabel(x_name)
     if not numeric:
         bottom.set_xticks(list(position.values()), list(position))
     top.legend(fontsize="small")
-    top.set_title(f"{FLAGS.bench} sweep")
+    top.set_title(f"{bench} sweep")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def main(argv):

@@ -185,6 +185,9 @@ def main(argv):
     if checkpoints.has_checkpoints(FLAGS.out_dir) and not FLAGS.resume:
         raise app.UsageError(f"--out_dir={FLAGS.out_dir} already holds checkpoints: pass --resume "
                              "to continue that run, or choose another --out_dir")
+    if FLAGS.resume and not checkpoints.has_checkpoints(FLAGS.out_dir):
+        raise app.UsageError(f"--resume: --out_dir={FLAGS.out_dir} holds no checkpoint to "
+                             "continue; leave out --resume to start a new run there")
     try:
         train_classes, val_classes, test_classes = training.load_splits(config)
     except ValueError as error:
@@ -237,13 +240,14 @@ def main(argv):
                                     checkpoint_every=FLAGS.checkpoint_every, keep=FLAGS.keep,
                                     validate=validate, val_every=FLAGS.val_every,
                                     resume=FLAGS.resume, restore_from=FLAGS.out_dir)
-    except checkpoints.NonFiniteError as error:
+    except checkpoints.TrainingStopped as error:        # a non-finite or diverging loss
         sys.exit(f"fm-train: stopped: {error}")
     except ValueError as error:          # e.g. an existing run without --resume
         sys.exit(f"fm-train: {error}")
     elapsed = time.perf_counter() - start
     best = "none (no validation ran)" if result.best is None else result.best
-    print(f"trained {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
+    done = "trained" if result.losses else "already trained"       # a finished run resumed
+    print(f"{done} {config['algorithm']} to step {result.step} in {elapsed:.1f} s; "
           f"best validation: {best}; last checkpoint: {result.checkpoint}")
     if FLAGS.plots:
         kept = checkpoints.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()

@@ -48,67 +48,143 @@ def read_history(path):
             [r for r in records if r.get("split") == "val"])
 
 
-def learning_curves(history_path, path, title=None):
-    """Training loss (and accuracy) and validation score with its 95% band against the step."""
+def _run_config(history_path):
+    """The ``config.json`` beside a history file (as ``training.train`` writes it), or ``{}``."""
+    path = Path(history_path).parent / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _episodes(config, validation):
+    """How a run's episodes were drawn, for a legend: ``'20-way 1-shot'``, ``'K=10, 5 inner
+    steps'``; ``''`` when ``config`` does not say."""
+    if "n_way" not in config:
+        return ""
+    if config.get("loss") == "mse":
+        steps = config.get("test_inner_steps" if validation else "inner_steps")
+        text = f"K={config['k_shot']}"
+        return text + (f", {steps} inner step{'s' * (steps != 1)}" if steps else "")
+    way = (config.get("test_n_way") or config["n_way"]) if validation else config["n_way"]
+    return f"{way}-way {config['k_shot']}-shot"
+
+
+def _label(name, detail):
+    return f"{name} ({detail})" if detail else name
+
+
+def learning_curves_figure(history_path, title=None, config=None):
+    """The figure of ``learning_curves`` (a matplotlib ``Figure``; close it when done)."""
     train, val = read_history(history_path)
     if not train:
         raise ValueError(f"{history_path} holds no training records yet")
+    config = _run_config(history_path) if config is None else config
+    train_label = _label("training", _episodes(config, validation=False))
+    val_label = _label("validation", _episodes(config, validation=True))
+    if len(train) > 1:
+        every = train[1]["step"] - train[0]["step"]
+        train_label += f", mean of each {every} steps" if every > 1 else ""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in train]
-    left.plot(steps, [r["loss"] for r in train], label="train loss")
-    if val and "loss" in val[0]:
-        left.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
-    left.set_xlabel("step")
-    left.set_ylabel("loss")
-    left.legend()
     key = "accuracy" if "accuracy" in train[0] or (val and "accuracy" in val[0]) else "mse"
-    if key in train[0]:
-        right.plot(steps, [r[key] for r in train], label=f"train {key}")
-    if val:
+
+    def validation_curve(ax, name):
         v_steps = np.array([r["step"] for r in val])
-        mean = np.array([r[key] for r in val])
-        ci = np.array([r.get(key + "_ci95", 0.0) for r in val])
-        right.plot(v_steps, mean, "o-", label=f"validation {key}")
-        right.fill_between(v_steps, mean - ci, mean + ci, alpha=0.25)
+        mean = np.array([r[name] for r in val])
+        ci = np.array([r.get(name + "_ci95", 0.0) for r in val])
+        ax.plot(v_steps, mean, "o-", color="C1", label=val_label)
+        if any(ci > 0):
+            ax.fill_between(v_steps, mean - ci, mean + ci, color="C1", alpha=0.25,
+                            label="validation 95% interval")
+
+    left.plot(steps, [r["loss"] for r in train], color="C0", label=train_label)
+    if val and "loss" in val[0]:
+        validation_curve(left, "loss")
+    left.set_xlabel("step")
+    left.set_ylabel("loss (query sets)" if key == "accuracy" else "loss: query MSE")
+    if key in train[0]:
+        right.plot(steps, [r[key] for r in train], color="C0", label=train_label)
+    elif key == "mse":              # a regression loss is the query MSE after adaptation
+        right.plot(steps, [r["loss"] for r in train], color="C0", label=train_label)
+    if val:
+        validation_curve(right, key)
     right.set_xlabel("step")
-    right.set_ylabel(key)
-    right.legend()
+    right.set_ylabel("query accuracy" if key == "accuracy" else "query MSE")
+    for ax in (left, right):        # below the axes, so they cover none of the curves
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2))
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def sinusoid(curves, path, title="MAML, K=10"):
-    """The MAML paper's Figure 2 panel: ground truth, pre-update prediction, predictions after each
-    adaptation length, and the K support points (``training.sinusoid_curves`` output)."""
+def learning_curves(history_path, path, title=None, config=None):
+    """Training loss and accuracy (or MSE), and the validation values with their 95% band,
+    against the step, written to the PNG ``path``. The legends say how each was measured (from
+    ``config``, by default the run's ``config.json`` beside ``history_path``): the training way
+    and shot (the mean over each progress window) and the validation way and shot."""
+    return _save(learning_curves_figure(history_path, title, config), path)
+
+
+def sinusoid_figure(curves, title="MAML, K=10"):
+    """The figure of ``sinusoid`` (a matplotlib ``Figure``; close it when done)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     ax.plot(curves["x"], curves["truth"], color="red", label="ground truth")
     ax.plot(curves["x"], curves["pre-update"], ":", color="green", label="pre-update")
     fixed = {"x", "truth", "support_x", "support_y", "pre-update"}
     for name in [k for k in curves if k not in fixed]:
-        ax.plot(curves["x"], curves[name], "--", label=name)
+        ax.plot(curves["x"], curves[name], "--", label=f"after {name}")
     ax.plot(curves["support_x"], curves["support_y"], "^", color="purple",
             label=f"{len(curves['support_x'])} points used for the gradient")
     ax.set_xlim(-5, 5)
-    ax.legend(fontsize="small")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    # Beside the axes, so it covers none of the curves or points.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     ax.set_title(title)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
+
+
+def sinusoid(curves, path, title="MAML, K=10"):
+    """The MAML paper's Figure 2 panel: ground truth, pre-update prediction, predictions after each
+    adaptation length, and the K support points (``training.sinusoid_curves`` output), with the
+    legend beside the axes; written to the PNG ``path``."""
+    return _save(sinusoid_figure(curves, title), path)
+
+
+def embeddings_figure(panels, title="ProtoNet embeddings of held-out classes (PCA)"):
+    """The figure of ``embeddings`` (a matplotlib ``Figure``; close it when done)."""
+    if not panels:
+        raise ValueError("embeddings needs at least one panel")
+    plt = _pyplot()
+    names = list(dict.fromkeys(c for _, _, classes in panels for c in np.asarray(classes)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (label, x, classes) in zip(axes[0], panels):
+        xy = pca_2d(x)
+        classes = np.asarray(classes)
+        for i, name in enumerate(names):
+            chosen = classes == name
+            if chosen.any():
+                ax.scatter(xy[chosen, 0], xy[chosen, 1], s=12, color=f"C{i % 10}",
+                           label=str(name))
+        ax.set_title(label)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    fig.legend(list(handles.values()), list(handles), title="class", loc="lower center",
+               ncol=min(len(names), 5), fontsize="small", bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(names) - 1) // 5), 1, 1))
+    return fig
 
 
 def embeddings(panels, path, title="ProtoNet embeddings of held-out classes (PCA)"):
     """One scatter per ``(label, embeddings [n, D], classes [n])`` panel (e.g. one per checkpoint),
-    each projected to 2-D by its own ``pca_2d``, colours by class."""
-    if not panels:
-        raise ValueError("embeddings needs at least one panel")
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (label, x, classes) in zip(axes[0], panels):
-        xy = pca_2d(x)
-        ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(classes), cmap="tab10", s=12)
-        ax.set_title(label)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title)
-    return _save(fig, path)
+    each projected to 2-D by its own ``pca_2d``, one colour per class (the same in every panel)
+    and a class legend; ``classes`` are names or numbers. Written to the PNG ``path``."""
+    return _save(embeddings_figure(panels, title), path)
+

@@ -687,14 +687,15 @@ def sinusoid_curves(learner, state, steps=(1, 10), k_shot=10, seed=0, points=200
 
 
 def embed_classes(learner, state, classes, num_classes=5, per_class=20, seed=0):
-    """ProtoNet embeddings ``[n, D]`` and class labels ``[n]`` of ``per_class`` images from each of
-    ``num_classes`` classes of ``classes`` (chosen with ``seed``), for the embedding figure."""
+    """ProtoNet embeddings ``[n, D]`` and class names ``[n]`` of ``per_class`` images from each of
+    ``num_classes`` classes of ``classes`` (chosen with ``seed``), for the embedding figure (whose
+    legend names the classes)."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(classes), min(num_classes, len(classes)), replace=False)
     images, labels = [], []
-    for label, c in enumerate(chosen):
+    for c in chosen:
         x = classes.images[c]
         images.append(x[rng.choice(len(x), min(per_class, len(x)), replace=False)])
-        labels += [label] * len(images[-1])
+        labels += [classes.names[c]] * len(images[-1])
     x = np.concatenate(images).astype(np.float32)[None] / 255.0
     return np.asarray(learner.apply(state["weights"], x))[0], np.array(labels)

@@ -179,7 +179,7 @@ def test_image_folder_mixed_sizes_need_image_size(tmp_path, caplog):
     (tmp_path / 'b' / 'big.png').write_bytes(_png(np.zeros((9, 9, 3), np.uint8)))
     with pytest.raises(ValueError, match='big.png'):
         data.image_folder(tmp_path)
-    with caplog.at_level('INFO'):
+    with caplog.at_level('INFO', logger='absl'):
         assert data.image_folder(tmp_path, image_size=5).images[1].shape == (3, 5, 5, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
     assert len(warnings) == 1, warnings
@@ -187,7 +187,7 @@ def test_image_folder_mixed_sizes_need_image_size(tmp_path, caplog):
         in warnings[0]
     caplog.clear()
     _write_folder(tmp_path / 'same', ['a', 'b'])
-    with caplog.at_level('INFO'):
+    with caplog.at_level('INFO', logger='absl'):
         data.image_folder(tmp_path / 'same', image_size=5)
     assert [r.levelname for r in caplog.records] == ['INFO']
     assert 'resized its 4 images (4 of 8x6) to 5x5' in caplog.records[0].getMessage()

@@ -102,6 +102,93 @@ def test_pca_projection():
 
 
 # ---------------------------------------------------------------------------------------------
+# Figures: what a reader needs to know is on them (labels and legends, not pixels)
+
+
+@pytest.fixture
+def pyplot():
+    pytest.importorskip('matplotlib')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    yield plt
+    plt.close('all')
+
+
+def _legend(ax_or_fig):
+    return [t.get_text() for t in ax_or_fig.get_legend().get_texts()] \
+        if hasattr(ax_or_fig, 'get_legend') else \
+        [t.get_text() for legend in ax_or_fig.legends for t in legend.get_texts()]
+
+
+def test_learning_curves_say_how_each_accuracy_was_measured(tmp_path, pyplot):
+    """20-way training and 5-way validation are labelled as such (from the run's config.json),
+    and the validation interval is a band in the legend, spanning the records' ci95."""
+    records = [{'step': 10, 'steps': 20, 'loss': 2.0, 'accuracy': 0.3},
+               {'split': 'val', 'step': 10, 'accuracy': 0.5, 'accuracy_ci95': 0.05},
+               {'step': 20, 'steps': 20, 'loss': 1.0, 'accuracy': 0.6},
+               {'split': 'val', 'step': 20, 'accuracy': 0.7, 'accuracy_ci95': 0.04}]
+    (tmp_path / training.HISTORY_FILE).write_text(''.join(json.dumps(r) + '\n' for r in records))
+    (tmp_path / configs.CONFIG_FILE).write_text(json.dumps(
+        {'n_way': 20, 'test_n_way': 5, 'k_shot': 1, 'loss': 'cross_entropy'}))
+    fig = plots.learning_curves_figure(tmp_path / training.HISTORY_FILE)
+    left, right = fig.axes
+    assert _legend(right) == ['training (20-way 1-shot), mean of each 10 steps',
+                              'validation (5-way 1-shot)', 'validation 95% interval']
+    assert _legend(left) == ['training (20-way 1-shot), mean of each 10 steps']
+    assert (left.get_xlabel(), right.get_ylabel()) == ('step', 'query accuracy')
+    band = right.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(0.45) and band[:, 1].max() == pytest.approx(0.74)
+    # Regression: K and the inner steps of each, the training MSE beside the validation MSE.
+    records = [{'step': 5, 'steps': 5, 'loss': 3.0},
+               {'split': 'val', 'step': 5, 'mse': 2.0, 'mse_ci95': 0.5}]
+    (tmp_path / training.HISTORY_FILE).write_text(''.join(json.dumps(r) + '\n' for r in records))
+    fig = plots.learning_curves_figure(tmp_path / training.HISTORY_FILE, config={
+        'n_way': 1, 'k_shot': 10, 'loss': 'mse', 'inner_steps': 1, 'test_inner_steps': 10})
+    assert _legend(fig.axes[1]) == ['training (K=10, 1 inner step)',
+                                    'validation (K=10, 10 inner steps)', 'validation 95% interval']
+
+
+def test_sinusoid_figure_has_axis_labels_and_a_legend_beside_the_data(pyplot):
+    x = np.linspace(-5, 5, 50)
+    curves = {'x': x, 'truth': np.sin(x), 'support_x': x[::10], 'support_y': np.sin(x[::10]),
+              'pre-update': 0 * x, '1 step': 0.5 * np.sin(x), '10 steps': 0.9 * np.sin(x)}
+    fig = plots.sinusoid_figure(curves)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ('x', 'y')
+    assert _legend(ax) == ['ground truth', 'pre-update', 'after 1 step', 'after 10 steps',
+                           '5 points used for the gradient']
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+
+
+def test_embeddings_figure_has_a_class_legend(pyplot):
+    rng = np.random.default_rng(0)
+    names = np.array(['Greek/character01'] * 3 + ['Latin/character02'] * 3)
+    fig = plots.embeddings_figure([('step 10', rng.normal(size=(6, 4)), names),
+                                   ('step 20', rng.normal(size=(6, 4)), names[::-1])])
+    assert _legend(fig) == ['Greek/character01', 'Latin/character02']
+    colours = [[tuple(c.get_facecolor()[0]) for c in ax.collections] for ax in fig.axes]
+    assert colours[0] == colours[1] and colours[0][0] != colours[0][1]    # one colour per class
+
+
+def test_sweep_figure_names_the_throughput_unit(pyplot):
+    """In a process of its own: fm-sweep's required --grid flag would break the other binaries'
+    flag parsing in this one."""
+    script = """if True:
+        from benchmarks import sweep
+        rows = [{'error': '', 'mode': mode, 'tasks_per_s': 10.0 + i, 'peak_memory_mib': 100.0,
+                 'peak_memory_kind': 'host RSS'} for i, mode in enumerate(['eager', 'function'])]
+        grid = [('mode', ['eager', 'function'])]
+        print(sweep.figure(rows, grid, 'protonet').axes[0].get_ylabel())
+        print(sweep.figure(rows, grid, 'maml').axes[0].get_ylabel())
+    """
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.splitlines() == ['episodes / s', 'tasks / s'], done.stderr[-2000:]
+
+# ---------------------------------------------------------------------------------------------
 # Real data
 
 
@@ -235,6 +322,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow          # 5-15 s: three runs with validation
 def test_resume_off_the_log_boundary_logs_what_an_uninterrupted_run_logs(tmp_path, op_determinism):
     """A run checkpointed at step 7 (progress lines every 5 steps) dies after writing step 10's
     line and step 8's validation; resumed, its history.jsonl and TensorBoard scalars equal an
