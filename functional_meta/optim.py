@@ -53,3 +53,22 @@ def adam_update(grads, weights, state, lr, beta1=0.9, beta2=0.999, epsilon=1e-8)
     v = [beta2 * vi + (1.0 - beta2) * tf.square(g) for vi, g in zip(v, grads)]
     weights = [w - scale * mi / (tf.sqrt(vi) + epsilon) for w, mi, vi in zip(weights, m, v)]
     return weights, (step, m, v)
+
+
+def conjugate_gradient(matvec, b, iterations=10, residual_tol=1e-10):
+    """Approximately solves ``A x = b`` for a symmetric positive-definite ``A`` given only
+    ``matvec(v) = A v`` (vectors), by at most ``iterations`` conjugate-gradient steps from
+    ``x = 0``, stopping once the squared residual is below ``residual_tol`` (TRPO's natural
+    gradient, Schulman et al. 2015, Appendix C). A ``tf.while_loop``: it compiles into the step."""
+    def body(i, x, r, p, rr):
+        ap = matvec(p)
+        alpha = rr / tf.reduce_sum(p * ap)
+        x, r = x + alpha * p, r - alpha * ap
+        new_rr = tf.reduce_sum(r * r)
+        return i + 1, x, r, r + (new_rr / rr) * p, new_rr
+
+    start = (tf.constant(0), tf.zeros_like(b), b, b, tf.reduce_sum(b * b))
+    _, x, _, _, _ = tf.while_loop(lambda i, x, r, p, rr: tf.logical_and(i < iterations,
+                                                                          rr >= residual_tol),
+                                  body, start, maximum_iterations=iterations)
+    return x
