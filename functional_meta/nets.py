@@ -155,7 +155,8 @@ def mlp(sizes, activation=tf.nn.relu, in_shape=None):
             weights += [_glorot(seed, i, [d_in, d_out], d_in, d_out, dtype), tf.zeros([d_out], dtype)]
         return weights
 
-    def apply(weights, x):
+    def apply(weights, x, bn_rows=None):
+        # No batch norm: every row is already scored on its own, whatever ``bn_rows`` says.
         x = tf.convert_to_tensor(x, weights[0].dtype)
         lead = x.shape.rank - len(in_shape)
         if lead not in (1, 2) or tuple(x.shape[lead:]) != in_shape:
@@ -305,6 +306,42 @@ def _batch_norm(x, scale, offset):
     return tf.reshape(centred * factor + _per_task_row(offset), x.shape)
 
 
+def _batch_norm_from_rows(x, scale, offset, bn_rows):
+    """Batch norm of ``x [T, n, H, W, C]`` with the statistics of each task's first ``bn_rows``
+    images only (e.g. the support set), applied to all ``n``: the other images do not move them,
+    so each is normalised independently of the rest (strictly inductive scoring). The variance is
+    the mean of squared deviations, differentiable to second order like ``_batch_norm``."""
+    t, n, h, w, c = x.shape
+    rows = tf.reshape(x[:, :bn_rows], [t, bn_rows * h * w, c])
+    mean = _row_mean(rows)                                             # [T, 1, C]
+    var = _row_mean(tf.square(rows - mean))
+    factor = tf.math.rsqrt(var + BN_EPSILON) * _per_task_row(scale)
+    out = (tf.reshape(x, [t, n * h * w, c]) - mean) * factor + _per_task_row(offset)
+    return tf.reshape(out, x.shape)
+
+
+# How evaluation normalises: 'transductive' takes batch norm's statistics from the images scored
+# together (the query set's shape every query's features); 'support' from the support set alone.
+BN_MODES = ("transductive", "support")
+
+
+def support_rows(bn, n_support):
+    """The ``bn_rows`` of ``apply`` for a batch whose first ``n_support`` images are the support
+    set: ``n_support`` for ``bn='support'``, ``None`` (the batch's own statistics) for
+    ``'transductive'``."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {list(BN_MODES)}, got {bn!r}")
+    return n_support if bn == "support" else None
+
+
+def check_bn_rows(bn_rows, n):
+    """``ValueError`` unless ``bn_rows`` is ``None`` or an int in ``1..n``."""
+    if bn_rows is not None and (isinstance(bn_rows, bool) or not isinstance(bn_rows, int)
+                                or not 1 <= bn_rows <= n):
+        raise ValueError(f"bn_rows must be None or an int in 1..{n} (the images per task), "
+                         f"got {bn_rows!r}")
+
+
 def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4):
     """The 4-block CNN of MAML and Prototypical Networks.
 
@@ -317,6 +354,11 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
     Weights, in order: for each block ``kernel (3,3,C_in,channels), bn_scale (channels,),
     bn_offset (channels,)``; then, with a head, ``w (D, n_way), b (n_way,)`` where ``D`` is
     ``embedding_size``. There is no convolution bias: batch norm's offset makes it redundant.
+
+    ``apply(weights, x, bn_rows=k)`` takes every batch norm's statistics from each task's first
+    ``k`` images (put the support set first) and normalises all images with them, so an image
+    after the first ``k`` does not affect any other's output (strictly inductive scoring). The
+    default, ``None``, uses all ``n`` images of the task, as in training.
     """
     if pool not in ("stride", "max"):
         raise ValueError(f"pool must be 'stride' or 'max', got {pool!r}")
@@ -345,17 +387,20 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
                         tf.zeros([n_way], dtype)]
         return weights
 
-    def apply(weights, x):
+    def apply(weights, x, bn_rows=None):
         x = tf.convert_to_tensor(x, weights[0].dtype)
         single = x.shape.rank == 4
         if single:
             x = x[None]
         if tuple(x.shape[2:]) != tuple(in_shape):
             raise ValueError(f"conv4 expects images of shape {tuple(in_shape)}, got {x.shape[2:]}")
+        check_bn_rows(bn_rows, x.shape[1])
         for b in range(blocks):
             kernel, scale, offset = weights[3 * b:3 * b + 3]
             stride = 2 if pool == "stride" else 1
-            if x.shape[-1] <= FEW_CHANNELS:
+            if bn_rows is not None:
+                x = _batch_norm_from_rows(_conv3x3(x, kernel, stride), scale, offset, bn_rows)
+            elif x.shape[-1] <= FEW_CHANNELS:
                 x = _conv_batch_norm_from_patches(x, kernel, scale, offset, stride)
             else:
                 x = _batch_norm(_conv3x3(x, kernel, stride), scale, offset)

@@ -8,7 +8,9 @@ Episodes come as a meta-batch ``(support_x, support_y, query_x, query_y)``: ``su
 ``[B, N*K, *in_shape]``, ``support_y`` ``[B, N*K]`` integers in ``0..N-1``, and likewise ``query_x``
 ``[B, N*Q, *in_shape]``, ``query_y`` ``[B, N*Q]``. Support and query images of an episode are
 embedded in one call of ``apply``, so batch normalisation uses the statistics of the whole episode
-(support and query together), never those of another episode.
+(support and query together), never those of another episode; with ``bn='support'`` it uses the
+support set's alone (``nets.support_rows``), so each query is classified independently of the
+others.
 
 Typical use::
 
@@ -22,7 +24,7 @@ Typical use::
 import numpy as np
 import tensorflow as tf
 
-from functional_meta import choices, metrics, optim
+from functional_meta import choices, metrics, nets, optim
 
 METRICS = choices.METRICS
 
@@ -92,13 +94,18 @@ def distances(queries, protos, metric="euclidean"):
     return tf.maximum(q_sq - 2.0 * cross + p_sq, 0.0)
 
 
-def logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric="euclidean"):
+def logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric="euclidean",
+           bn="transductive"):
     """Query logits ``[B, M, N] = -distances(queries, prototypes)`` of a meta-batch.
 
-    Support and query images are embedded together, one ``apply_fn`` call per meta-batch.
+    Support and query images are embedded together, one ``apply_fn`` call per meta-batch; batch
+    norm takes its statistics from both (``bn='transductive'``) or from the support set alone
+    (``'support'``: ``apply_fn`` gets ``bn_rows``, see ``nets.conv4``).
     """
     n_support = support_x.shape[1]
-    embedded = apply_fn(weights, tf.concat([support_x, query_x], axis=1))
+    rows = nets.support_rows(bn, n_support)
+    both = tf.concat([support_x, query_x], axis=1)
+    embedded = apply_fn(weights, both) if rows is None else apply_fn(weights, both, bn_rows=rows)
     if embedded.shape.rank != 3:
         raise ValueError(f"apply_fn must return embeddings [B, n, D], got shape {embedded.shape}")
     # Named scopes, so a profile shows these ops (and their gradients) apart from the network's.
@@ -108,10 +115,10 @@ def logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric="eucl
         return -distances(embedded[:, n_support:], protos, metric)
 
 
-def loss_and_logits(apply_fn, weights, episodes, n_way, metric="euclidean"):
+def loss_and_logits(apply_fn, weights, episodes, n_way, metric="euclidean", bn="transductive"):
     """Mean cross-entropy over every query of the meta-batch, and the logits ``[B, M, N]``."""
     support_x, support_y, query_x, query_y = episodes
-    out = logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric)
+    out = logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric, bn)
     loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=query_y, logits=out))
     return loss, out
 
@@ -189,12 +196,14 @@ def init_state(weights):
     return {"weights": weights, "opt": optim.adam_init(weights)}
 
 
-def train_step_parts(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
+def train_step_parts(apply_fn, *, n_way, lr=1e-3, metric="euclidean", bn="transductive"):
     """The training step split at the gradient, ``(params, gradient, update)``, as
     ``maml.train_step_parts``: ``make_train_step`` composes them in one compiled function and
-    ``functional_meta.distribute`` all-reduces the gradient between the two."""
+    ``functional_meta.distribute`` all-reduces the gradient between the two. ``bn='support'``
+    trains with the support set's batch-norm statistics, as ``bn='support'`` scores (``logits``)."""
     n_way = _check_n_way(n_way)
     _check_metric(metric)
+    nets.support_rows(bn, 1)
 
     def params(state):
         return list(state["weights"])
@@ -203,7 +212,7 @@ def train_step_parts(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
         weights = params(state)
         with tf.GradientTape() as tape:
             tape.watch(weights)
-            loss, out = loss_and_logits(apply_fn, state["weights"], episodes, n_way, metric)
+            loss, out = loss_and_logits(apply_fn, state["weights"], episodes, n_way, metric, bn)
         grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         accuracy = tf.reduce_mean(_correct(out, episodes[3], loss.dtype))
         return grads, {"loss": loss, "accuracy": accuracy}
@@ -215,7 +224,8 @@ def train_step_parts(apply_fn, *, n_way, lr=1e-3, metric="euclidean"):
     return params, gradient, update
 
 
-def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=True):
+def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=True,
+                    bn="transductive"):
     """Returns ``step(state, episodes) -> (state, metrics)``, the same contract as MAML's step.
 
     ``state`` comes from ``init_state(weights)``; ``metrics`` holds ``loss`` and ``accuracy`` (over
@@ -228,7 +238,7 @@ def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=Tr
     ``validate_episode`` yourself to check later batches. ``step.compiled`` is the
     ``tf.function`` and ``step.tracing_count()`` how many times it has traced.
     """
-    _, gradient, update = train_step_parts(apply_fn, n_way=n_way, lr=lr, metric=metric)
+    _, gradient, update = train_step_parts(apply_fn, n_way=n_way, lr=lr, metric=metric, bn=bn)
     n_way = int(n_way)                                   # checked by train_step_parts
 
     @tf.function(jit_compile=jit_compile, autograph=False)
@@ -255,20 +265,22 @@ def make_train_step(apply_fn, n_way, lr=1e-3, metric="euclidean", jit_compile=Tr
     return step
 
 
-def make_eval_step(apply_fn, n_way, metric="euclidean", jit_compile=True):
+def make_eval_step(apply_fn, n_way, metric="euclidean", jit_compile=True, bn="transductive"):
     """Returns ``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])``.
 
     ``accuracy`` is per episode, ``predictions`` the predicted class of each query. ``n_way`` need
-    not be the training way: the embedding has no head. Labels are checked on the first call;
-    ``eval_step.compiled`` and ``eval_step.tracing_count()`` as for ``make_train_step``.
+    not be the training way: the embedding has no head. ``bn``: see ``logits``. Labels are checked
+    on the first call; ``eval_step.compiled`` and ``eval_step.tracing_count()`` as for
+    ``make_train_step``.
     """
     n_way = _check_n_way(n_way)
     _check_metric(metric)
+    nets.support_rows(bn, 1)
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(weights, episodes):
         support_x, support_y, query_x, query_y = episodes
-        out = logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric)
+        out = logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric, bn)
         predictions = tf.argmax(out, axis=-1, output_type=query_y.dtype)
         accuracy = tf.reduce_mean(_correct(out, query_y, out.dtype), axis=1)
         return accuracy, predictions
@@ -289,7 +301,7 @@ def make_eval_step(apply_fn, n_way, metric="euclidean", jit_compile=True):
 
 
 def evaluate(apply_fn, weights, sample_fn, num_episodes, n_way, metric="euclidean",
-             jit_compile=True):
+             jit_compile=True, bn="transductive"):
     """Mean accuracy and 95% half-width over ``num_episodes`` episodes: ``(mean_acc, ci95)``.
 
     ``sample_fn()`` returns a meta-batch ``(support_x, support_y, query_x, query_y)`` (numpy or
@@ -300,7 +312,7 @@ def evaluate(apply_fn, weights, sample_fn, num_episodes, n_way, metric="euclidea
     if isinstance(num_episodes, bool) or not isinstance(num_episodes, (int, np.integer)) \
             or num_episodes < 1:
         raise ValueError(f"num_episodes must be a positive int, got {num_episodes!r}")
-    eval_step = make_eval_step(apply_fn, n_way, metric, jit_compile)
+    eval_step = make_eval_step(apply_fn, n_way, metric, jit_compile, bn)
     weights = _as_weights(weights)
     accuracies = []
     while len(accuracies) < num_episodes:
