@@ -249,17 +249,13 @@ def parse_flags(family, args):
 def run_binary(main, module_name):
     """``app.run(main)`` such that ``--help`` shows the binary's docstring and flags also when it
     is started as a console script (absl describes the module named by ``sys.argv[0]``, which for
-    a console script is the generated wrapper, not ``module_name``). TensorFlow is imported
-    (``benchmarks.start_tensorflow``) once the flags are parsed, before ``main`` runs."""
+    a console script is the generated wrapper, not ``module_name``). ``main`` imports
+    TensorFlow (``benchmarks.start_tensorflow``) once it has checked what it can without it."""
     module = sys.modules[module_name]
     for flag in FLAGS.get_key_flags_for_module(module):
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     sys.modules["__main__"].__doc__ = module.__doc__
-
-    def start_then_main(argv):
-        benchmarks.start_tensorflow()
-        return main(argv)
-    app.run(start_then_main)
+    app.run(main)
 
 
 def _value(fv, name):

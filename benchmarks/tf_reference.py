@@ -20,11 +20,14 @@ checks in float64 that the loop's meta-gradient equals ``maml.meta_gradients``, 
 that the fused batch norm is exact in second order. Not used by the library.
 """
 
-import tensorflow as tf
 from absl import app, flags
 
-from benchmarks import flag_groups, report, runner
-from functional_meta import maml, nets, optim, presets, training
+import benchmarks
+
+tf = benchmarks.start_tensorflow()      # this module is the TensorFlow step: imported at once
+
+from benchmarks import flag_groups, report, runner  # noqa: E402
+from functional_meta import maml, nets, optim, presets, training  # noqa: E402
 
 FLAGS = flags.FLAGS
 MAML_PRESETS = sorted(name for name, c in presets.PRESETS.items()
@@ -51,6 +54,7 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the initial weights (the library's init) and the "
                          "synthetic batch (fm-maml-bench's, for the same --seed).", lower_bound=0)
     flag_groups.define_benchmark_flags()
+    flags.adopt_module_key_flags(flag_groups)      # --help lists the groups' flags too
 
 
 def _batch_norm(x, scale, offset):

@@ -42,6 +42,7 @@ def define_flags():
     flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 keeps PyTorch's default (one per "
                          "core).", lower_bound=0)
     flags.DEFINE_bool("json", False, "Also print one JSON line with the configuration and timings.")
+    flags.adopt_module_key_flags(flag_groups)      # --help lists the groups' flags too
 
 
 def _torch():

@@ -11,6 +11,9 @@ checkpoint if the newest one cannot be read, so a damaged file never ends a run.
 (``training.train`` calls it before it saves anything).
 """
 
+import contextlib
+import logging as python_logging
+import os
 import shutil
 
 from pathlib import Path
@@ -98,7 +101,8 @@ class Checkpoints:
                                  "not saved", step=info["step"])
         self._assign(state, info)
         manager = self.best if best else self.latest
-        return manager.save(checkpoint_number=int(info["step"]))
+        with _without_tensorflow_info():
+            return manager.save(checkpoint_number=int(info["step"]))
 
     def candidates(self, which="latest"):
         """Listed checkpoint prefixes, newest first (only complete saves are ever listed)."""
@@ -113,7 +117,7 @@ class Checkpoints:
             try:
                 try:
                     self._read(self._checkpoint, candidate)
-                except AssertionError:        # written before log_state existed
+                except KeyError:  # MUTANT
                     self._read(self._legacy, candidate)
                     self._log_state.assign("")
             except Exception as error:      # damaged files fail in many ways (OpError, IndexError..)
@@ -148,6 +152,26 @@ class Checkpoints:
                     shutil.rmtree(temp, ignore_errors=True)
                     removed.append(temp)
         return removed
+
+
+@contextlib.contextmanager
+def _without_tensorflow_info():
+    """Drops the INFO lines that TensorFlow's own code logs through absl meanwhile (each save
+    logs "Sharding callback duration: ... microseconds"), unless absl's verbosity asks for debug
+    output (``--verbosity=1``)."""
+    if logging.get_verbosity() >= logging.DEBUG:
+        yield
+        return
+    tensorflow_code = f"{os.sep}tensorflow{os.sep}"
+
+    def keep(record):
+        return record.levelno > python_logging.INFO or tensorflow_code not in record.pathname
+    logger = logging.get_absl_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def has_checkpoints(out_dir):

@@ -2,8 +2,9 @@
 analytic FLOP counts (against hand counts and against the products XLA actually compiles).
 
 The binaries define global absl flags, so they are never imported here: flag validation is tested
-through ``flag_groups.parse_flags`` (a private ``FlagValues``) and everything else through subprocesses,
-kept to a handful because each one imports TensorFlow.
+through ``flag_groups.parse_flags`` (a private ``FlagValues``) and everything else through
+subprocesses, kept to a handful where they import TensorFlow. The last part checks the binaries as
+a user meets them: ``--help``, errors and a quiet console.
 """
 
 import csv
@@ -13,16 +14,17 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from absl import app, flags
+from absl import app, flags, logging
 
 from benchmarks import flag_groups, runner
-from functional_meta import data, flops, maml, presets, protonet
+from functional_meta import checkpoints, data, flops, maml, presets, protonet
 
 ROOT = Path(__file__).resolve().parents[1]
 # A MAML step that compiles in about two seconds on one CPU core (a conv4 step takes ~20 s).
@@ -277,3 +279,155 @@ def test_time_interleaved_alternates_rounds_and_rotates_who_goes_first():
     assert timings["a"]["loss"] == 5.0 and timings["b"]["loss"] == 15.0   # states kept apart
     for timing in timings.values():
         assert timing["first_call_s"] >= 0 and set(timing["step_s"]) == {"median", "min", "max", "iqr"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The binaries as a user meets them.
+
+def imports_tensorflow(done):
+    """Whether a process run with ``python -X importtime`` imported TensorFlow."""
+    return re.search(r"\|\s+tensorflow\s*$", done.stderr, re.M) is not None
+
+
+def run_importtime(module, *args):
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+# A few flags of each binary that --help must list (the binary's own and its flag groups').
+HELP_FLAGS = {
+    "train": ["--algorithm", "--out_dir", "--plots", "--data_path", "--split"],
+    "evaluate": ["--checkpoint", "--num_episodes", "--eval_split", "--data", "--k_shot"],
+    "maml_bench": ["--preset", "--inner_steps", "--first_order", "--steps", "--strategy"],
+    "protonet_bench": ["--preset", "--metric", "--n_way", "--mode"],
+    "maml_study": ["--train_steps", "--lr_mode", "--data"],
+    "sweep": ["--grid", "--bench", "--csv"],
+    "torch_reference": ["--preset", "--threads", "--n_way"],
+    "tf_reference": ["--interleaved", "--mode", "--n_way"],
+}
+# fm-tf-reference's module is the straightforward TensorFlow step itself.
+HELP_IMPORTS_TENSORFLOW = {"tf_reference"}
+
+
+@pytest.mark.parametrize("module", sorted(HELP_FLAGS))
+def test_help_lists_the_flags_without_importing_tensorflow(module):
+    done = run_importtime(f"benchmarks.{module}", "--help")
+    for flag in HELP_FLAGS[module]:
+        assert re.search(rf"^  --(\[no\])?{flag[2:]}:", done.stdout, re.M), (flag, done.stdout)
+    assert done.stdout.count("\n  --") >= len(HELP_FLAGS[module])
+    assert imports_tensorflow(done) == (module in HELP_IMPORTS_TENSORFLOW)
+
+
+def test_a_mistyped_flag_is_named_without_importing_tensorflow():
+    done = run_importtime("benchmarks.train", "--algoritm=maml")
+    assert done.returncode != 0 and "Did you mean: algorithm" in done.stderr
+    assert not imports_tensorflow(done)
+
+
+def test_start_tensorflow_leaves_out_the_start_up_lines_unless_asked():
+    code = "import benchmarks; benchmarks.start_tensorflow()"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run([sys.executable, "-c", code + "; import sys; print('own line', "
+                            "file=sys.stderr)"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    asked = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                           env=dict(env, TF_CPP_MIN_LOG_LEVEL="0"), capture_output=True,
+                           text=True, timeout=120)
+    assert quiet.returncode == 0 and asked.returncode == 0, quiet.stderr + asked.stderr
+    assert quiet.stderr == "own line\n"
+    assert "oneDNN custom operations" in asked.stderr           # what a user who asks sees
+
+
+def start_up_noise(text):
+    """Lines of TensorFlow's C++ start-up (or of its saver) in a binary's output."""
+    return [line for line in text.splitlines() if re.search(
+        r"cuInit|oneDNN|This TensorFlow binary is optimized|absl::InitializeLog|cuda drivers"
+        r"|XLA service|Sharding callback", line)]
+
+
+@pytest.mark.slow
+def test_train_and_eval_consoles_are_quiet_and_eval_names_its_checkpoint(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = tmp_path / "run"
+
+    def binary(module, *args):
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert start_up_noise(done.stdout + done.stderr) == []
+        return done
+
+    trained = binary("train", "--algorithm=maml", "--data=sinusoid", "--hidden=8", "--nojit",
+                     "--steps=4", "--checkpoint_every=2", "--log_every=2", "--val_every=2",
+                     "--val_episodes=2", f"--out_dir={run}")
+    assert "trained maml to step 4" in trained.stdout
+    best = binary("evaluate", f"--checkpoint={run}", "--num_episodes=2", "--nojit")
+    scored = [line for line in best.stdout.splitlines() if " mse " in line]
+    assert scored and all(f"maml {run}/best/ckpt-" in line for line in scored), best.stdout
+    assert "no best checkpoint" not in best.stderr
+    shutil.rmtree(run / "best")              # as a run that never validated leaves it
+    latest = binary("evaluate", f"--checkpoint={run}", "--num_episodes=2", "--nojit")
+    assert f"maml {run}/checkpoints/ckpt-4 (step 4): mse" in latest.stdout, latest.stdout
+    assert f"{run} holds no best checkpoint" in latest.stderr
+    assert f"scoring the latest, {run}/checkpoints/ckpt-4" in latest.stderr
+
+
+def test_checkpoint_saves_log_tensorflow_info_only_at_debug_verbosity(tmp_path, caplog):
+    store = checkpoints.Checkpoints(tmp_path, {"weights": [tf.zeros([2])]})
+    info = dict(step=1, data_seed=0, next_batch=1, best_score=0.0, best_step=-1)
+    verbosity = logging.get_verbosity()
+    try:
+        for step, level in ((1, logging.INFO), (2, logging.DEBUG)):
+            logging.set_verbosity(level)
+            with caplog.at_level("DEBUG"):
+                caplog.clear()
+                store.save({"weights": [tf.zeros([2])]}, dict(info, step=step))
+                chatter = [r for r in caplog.records if "Sharding callback" in r.getMessage()]
+            assert bool(chatter) == (level == logging.DEBUG), caplog.records
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def fm_train_error(tmp_path, *args, python_code=None):
+    """An fm-train run that must fail at once: its stderr (run with ``-X importtime``)."""
+    command = ["-c", python_code, *args] if python_code else ["-m", "benchmarks.train", *args]
+    done = subprocess.run([sys.executable, "-X", "importtime", *command], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not imports_tensorflow(done)          # before any work: TensorFlow was not loaded
+    return done.stderr
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_an_unwritable_out_dir_is_an_error_before_any_work(tmp_path, where):
+    # Runs as root too (where a read-only folder stops nothing): no folder can exist under a
+    # regular file, nor where a file is.
+    (tmp_path / "file.txt").write_text("not a folder")
+    out_dir = tmp_path / "file.txt" / ("sub" if where == "under_a_file" else "")
+    stderr = fm_train_error(tmp_path, "--algorithm=maml", "--data=sinusoid",
+                            f"--out_dir={str(out_dir).rstrip('/')}")
+    assert f"--out_dir={str(out_dir).rstrip('/')} is not a folder this process can write to" \
+        in stderr
+
+
+# Runs fm-train in a Python where importing matplotlib fails, as where it is not installed.
+WITHOUT_MATPLOTLIB = """
+import runpy, sys
+
+class NoMatplotlib:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoMatplotlib())
+sys.argv[0] = "fm-train"
+runpy.run_module("benchmarks.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_plots_without_matplotlib_is_an_error_at_the_start(tmp_path):
+    stderr = fm_train_error(tmp_path, "--algorithm=maml", "--data=sinusoid", "--plots",
+                            f"--out_dir={tmp_path / 'run'}", python_code=WITHOUT_MATPLOTLIB)
+    assert "--plots needs matplotlib" in stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
