@@ -348,6 +348,10 @@ def test_resume_off_the_log_boundary_logs_what_an_uninterrupted_run_logs(tmp_pat
     assert [r['step'] for r in plots.read_history(run / training.HISTORY_FILE)[0]] == [5, 10]
     assert tf.train.latest_checkpoint(str(run / 'checkpoints')).endswith('ckpt-7')
     (run / 'checkpoints' / 'ckpt-12_temp').mkdir()        # as a save killed mid-way leaves it
+    events_file = next((run / 'train').glob('events.out.tfevents.*'))
+    first_record_start = events_file.read_bytes()[:20]     # a 12-byte header and 8 of its data
+    with events_file.open('ab') as f:                      # as a record torn by the kill
+        f.write(first_record_start)
     (run / 'checkpoints' / 'ckpt-12_temp' / 'part-00000-of-00001.index').write_bytes(b'partial')
     resumed = training.train(learner, sampler(), out_dir=run, resume=True,
                              on_progress=lambda r: None, **common)
@@ -498,6 +502,31 @@ def test_run_without_validation_says_so(tmp_path, capsys):
                            '--steps=2', '--val_every=0', f'--out_dir={tmp_path}'])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert 'to step 2' in last and 'best validation: none (no validation ran)' in last, last
+
+
+def test_resuming_a_finished_run_reports_its_best_validation(tmp_path, capsys):
+    argv = ['--algorithm=maml', '--data=sinusoid', '--hidden=8', '--nojit', '--steps=2',
+            '--val_every=1', '--val_episodes=2', f'--out_dir={tmp_path}']
+    run_binary(train_bin, argv)
+    run_binary(train_bin, argv + ['--resume'])
+    first, again = (line for line in capsys.readouterr().out.splitlines() if 'to step 2' in line)
+    assert first.startswith('trained maml') and again.startswith('already trained maml'), again
+    assert first.split('; best validation: ')[1] == again.split('; best validation: ')[1]
+    assert "'mse'" in again and 'no validation ran' not in again
+
+
+def test_checkpoints_written_without_a_log_state_still_restore(tmp_path):
+    """A run folder checkpointed before the progress window was kept resumes (an empty
+    window)."""
+    old = tf.train.Checkpoint(
+        state={'weights': [tf.Variable([1.0, 2.0])]}, step=tf.Variable(3, dtype=tf.int64),
+        data_seed=tf.Variable(5, dtype=tf.int64), next_batch=tf.Variable(3, dtype=tf.int64),
+        best_score=tf.Variable(-np.inf, dtype=tf.float64),
+        best_step=tf.Variable(-1, dtype=tf.int64))
+    tf.train.CheckpointManager(old, tmp_path / 'checkpoints', 1).save(checkpoint_number=3)
+    state, info, path = checkpoints.Checkpoints(tmp_path, {'weights': [tf.zeros(2)]}).restore()
+    assert path.endswith('ckpt-3') and info['step'] == 3 and info['log_state'] == ''
+    np.testing.assert_array_equal(state['weights'][0].numpy(), [1.0, 2.0])
 
 
 def test_killed_run_leaves_a_readable_checkpoint(tmp_path):
