@@ -556,11 +556,11 @@ def train(learner, sampler, *, out_dir, steps, seed=0, log_every=100, checkpoint
                          f"({source.directory / 'checkpoints'} is missing or empty); to start a "
                          "new run there, leave out resume (--resume)")
     else:
-        last_path = None                # records of an earlier attempt that never checkpointed
-    for name in store.remove_partial():
-        logging.info("removed %s, left by a save that was interrupted", name)
-    # What an interrupted attempt wrote after the checkpoint goes (after step 0: everything, the
-    # first episode's images included, since they are written again).
+        last_path = None
+    for partial in store.remove_partial():
+        logging.info("removed %s, left by a save that was interrupted", partial)
+    # What an interrupted attempt wrote after the checkpoint goes; from step 0 (an attempt that
+    # never checkpointed) everything, the first episode's images included: they are written again.
     _trim_history(history, info["step"])
     for name in ("train", "val"):
         _trim_events(out / name, info["step"] if info["step"] else -1)
