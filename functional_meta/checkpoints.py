@@ -117,7 +117,7 @@ class Checkpoints:
             try:
                 try:
                     self._read(self._checkpoint, candidate)
-                except KeyError:  # MUTANT
+                except AssertionError:        # written before log_state existed
                     self._read(self._legacy, candidate)
                     self._log_state.assign("")
             except Exception as error:      # damaged files fail in many ways (OpError, IndexError..)
