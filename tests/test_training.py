@@ -200,6 +200,7 @@ def omniglot_paths():
     return ','.join(str(p) for p in paths)
 
 
+@pytest.mark.slow          # real Omniglot: 120 ProtoNet steps, then two evaluations
 def test_protonet_learns_held_out_omniglot_alphabets(omniglot_paths, tmp_path, capsys):
     """fm-train then fm-eval in this process: ProtoNet trained on the alphabets of small1 scores
     well above chance (0.2) and above raw-pixel 1-NN on small2's new alphabets, 5-way 1-shot."""
@@ -529,6 +530,7 @@ def test_checkpoints_written_without_a_log_state_still_restore(tmp_path):
     np.testing.assert_array_equal(state['weights'][0].numpy(), [1.0, 2.0])
 
 
+@pytest.mark.slow          # a training process, killed, then a resume
 def test_killed_run_leaves_a_readable_checkpoint(tmp_path):
     """SIGKILL a training process that checkpoints every step, then restore and resume; a damaged
     newest checkpoint or a stray partial one is skipped for the last good one."""
@@ -687,6 +689,7 @@ def test_evaluate_flag_errors(tmp_path):
         run_binary(eval_bin, ['--method=nn'])
 
 
+@pytest.mark.slow          # a process of its own: TensorFlow's start-up
 def test_binary_exits_nonzero_naming_the_flag(tmp_path):
     """The same errors from a real process: non-zero status and the flag on stderr."""
     result = subprocess.run(
@@ -697,6 +700,7 @@ def test_binary_exits_nonzero_naming_the_flag(tmp_path):
     assert 'n_way=50' in result.stderr and 'meta-training split has 45 classes' in result.stderr
 
 
+@pytest.mark.slow          # two training processes
 def test_mirrored_strategy_trains_like_one_device(tmp_path):
     """fm-train --strategy=mirrored over two logical CPUs gives the single-device losses."""
     losses = {}
