@@ -15,7 +15,6 @@ import contextlib
 import logging as python_logging
 import os
 import shutil
-
 from pathlib import Path
 
 import numpy as np
