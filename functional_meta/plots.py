@@ -56,9 +56,12 @@ def _run_config(history_path):
 
 def _episodes(config, validation):
     """How a run's episodes were drawn, for a legend: ``'20-way 1-shot'``, ``'K=10, 5 inner
-    steps'``; ``''`` when ``config`` does not say."""
+    steps'``, ``'5 classes x 10 instances'`` (a MANN's sequences); ``''`` when ``config`` does
+    not say."""
     if "n_way" not in config:
         return ""
+    if config.get("family") == "mann":          # sequences of n_way classes, k_shot times each
+        return f"{config['n_way']} classes x {config['k_shot']} instances"
     if config.get("loss") == "mse":
         steps = config.get("test_inner_steps" if validation else "inner_steps")
         text = f"K={config['k_shot']}"

@@ -147,6 +147,9 @@ def test_learning_curves_say_how_each_accuracy_was_measured(tmp_path, pyplot):
         'n_way': 1, 'k_shot': 10, 'loss': 'mse', 'inner_steps': 1, 'test_inner_steps': 10})
     assert _legend(fig.axes[1]) == ['training (K=10, 1 inner step)',
                                     'validation (K=10, 10 inner steps)', 'validation 95% interval']
+    fig = plots.learning_curves_figure(tmp_path / training.HISTORY_FILE,
+                                       config={'family': 'mann', 'n_way': 5, 'k_shot': 10})
+    assert _legend(fig.axes[0]) == ['training (5 classes x 10 instances)']
 
 
 def test_sinusoid_figure_has_axis_labels_and_a_legend_beside_the_data(pyplot):
