@@ -1,4 +1,5 @@
-"""Meta-train MAML, FOMAML, Meta-SGD, MAML++ LSLR or ProtoNet on any data source.
+"""Meta-train MAML, FOMAML, Meta-SGD, MAML++ LSLR, ProtoNet or a memory-augmented network on any
+data source.
 
 Hyper-parameters default to a published preset (--preset; chosen from --algorithm and --data when
 omitted); any flag given overrides the preset's value. Progress lines every --log_every steps,
@@ -9,7 +10,10 @@ Examples:
   fm-train --algorithm=protonet --data=omniglot --data_path=images_background.zip --rotations \\
       --n_way=60 --k_shot=1 --out_dir=/tmp/protonet
   fm-train --algorithm=maml --data=sinusoid --steps=70000 --out_dir=/tmp/maml_sinusoid --plots
+  fm-train --algorithm=mann --data=omniglot --data_path=images_background.zip --rotations \\
+      --steps=10000 --out_dir=/tmp/mann               # 5 classes x 10 instances, 20x20 images
   fm-train --algorithm=maml --lr_mode=lslr --data=synthetic --out_dir=/tmp/lslr
+  fm-train --algorithm=maml_rl --env=navigation2d --outer=trpo --steps=200 --out_dir=/tmp/nav
 """
 
 import functools
@@ -22,7 +26,7 @@ import time
 from absl import app, flags, logging
 
 import benchmarks
-from benchmarks import flag_groups, run_flags
+from benchmarks import flag_groups, rl_run, run_flags
 from functional_meta import configs, presets       # both free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
@@ -33,7 +37,15 @@ flags.adopt_module_key_flags(run_flags)
 flags.DEFINE_enum("algorithm", None, list(configs.ALGORITHMS),
                   "Required. maml (second order), fomaml (first order), metasgd (learned per-weight inner "
                   "rates), protonet, or pretrain (the sinusoid baseline: regress on the mixture of "
-                  "tasks, fine-tune at test time).")
+                  "tasks, fine-tune at test time); mldg (Li et al. 2018) or erm: a classifier of "
+                  "the data's n_way classes trained across --domains (domain generalisation); "
+                  "mann (memory-augmented network with least-recently-used memory access, "
+                  "Santoro et al. 2016) or lstm (its baseline without memory): sequences of "
+                  "--n_way classes x --k_shot instances, each label given one step late. "
+                  "imaml: implicit MAML (Rajeswaran et al. 2019; --proximal_lambda, --cg_steps). "
+                  "maml_rl: MAML for reinforcement learning on --env tasks (rollouts, inner "
+                  "policy-gradient steps and the TRPO/Adam meta-update in one compiled step); "
+                  "pretrain_rl: its baseline, one policy trained on all tasks jointly.")
 flags.DEFINE_enum("preset", None, sorted(presets.PRESETS), "Published configuration the other "
                   "flags start from; default: chosen from --algorithm and --data.")
 flags.DEFINE_enum("lr_mode", None, list(configs.LR_MODES), "MAML inner learning rates: fixed, "
@@ -66,6 +78,19 @@ flags.DEFINE_float("augment_scale", 0.0, "Image data: also scale every training 
 flags.DEFINE_integer("channels", None, "conv4 filters per block.", lower_bound=1)
 flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
 flags.DEFINE_list("hidden", None, "MLP hidden layer widths, e.g. 40,40.")
+flags.DEFINE_list("domains", None, "Image styles to train across (functional_meta.domains "
+                  "names: clean, rotate:DEGREES, dilate:R, erode:R, blur:SIGMA, noise:STD, invert, "
+                  "elastic:ALPHA:SIGMA, joined by '+' to compose), e.g. clean,rotate:45,blur:1. "
+                  "protonet/maml: every training and validation episode is drawn within one of "
+                  "them. mldg/erm: each gets its own share of every class's images (20% of it "
+                  "for validation); one more share is held out for fm-eval --test_domain. "
+                  "Default: clean.")
+flags.DEFINE_integer("batch_size", None, "mldg/erm: images per training domain per step "
+                     "(preset rotated_mnist: 64).", lower_bound=1)
+flags.DEFINE_float("beta", None, "mldg: weight of the meta-test loss (preset: 1).", lower_bound=0)
+flags.DEFINE_integer("meta_test", None, "mldg: training domains that are meta-test in a step, "
+                     "chosen at random each step; the rest are meta-train (preset: 1). "
+                     "--inner_lr is the virtual step's rate.", lower_bound=1)
 
 # The run.
 flags.DEFINE_string("out_dir", None, "Required. Folder for checkpoints, config.json, history.jsonl, "
@@ -93,8 +118,20 @@ flags.DEFINE_integer("task_chunk", None, "MAML-style algorithms: compute the met
                      "for conv4 on a CPU, chunks of at most 80 Omniglot-sized images, whose "
                      "activations stay in the caches; otherwise the whole meta-batch.",
                      lower_bound=1)
+flags.DEFINE_float("proximal_lambda", None, "imaml: lambda of each task's proximal inner problem "
+                   "L(w) + lambda/2 |w - theta|^2, solved by --inner_steps gradient steps of "
+                   "--inner_lr (keep inner_lr * lambda < 2 for a stable inner loop); default 2.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("cg_steps", None, "imaml: conjugate-gradient iterations that solve "
+                     "(I + H/lambda) g = grad L_query for the implicit meta-gradient; default 5.",
+                     lower_bound=1)
+# MAML-RL (--algorithm=maml_rl|pretrain_rl): --env, --horizon, --trajectories, --discount,
+# --outer, --max_kl, --estimator (benchmarks.rl_run).
+rl_run.define_rl_flags()
+flags.adopt_module_key_flags(rl_run)
 flags.DEFINE_bool("plots", False, "Draw PNG figures in --out_dir at the end (needs matplotlib): "
-                  "learning curves; sinusoid fits; ProtoNet embeddings at the kept checkpoints.")
+                  "learning curves; sinusoid fits; ProtoNet embeddings at the kept checkpoints; "
+                  "with --domains, domains.png: the same images in every training domain.")
 
 
 
@@ -110,14 +147,17 @@ def config_from_flags():
                      meta_batch=FLAGS.meta_batch, inner_steps=FLAGS.inner_steps,
                      test_inner_steps=FLAGS.test_inner_steps, test_n_way=FLAGS.test_n_way,
                      inner_lr=FLAGS.inner_lr, outer_lr=FLAGS.outer_lr, channels=FLAGS.channels,
-                     pool=FLAGS.pool, hidden=hidden)
+                     pool=FLAGS.pool, hidden=hidden, batch_size=FLAGS.batch_size,
+                     beta=FLAGS.beta, meta_test=FLAGS.meta_test)
     try:
         config = configs.make_config(FLAGS.algorithm, preset=FLAGS.preset, data=FLAGS.data,
                                      lr_mode=FLAGS.lr_mode, metric=FLAGS.metric,
                                      lr_decay_every=FLAGS.lr_decay_every, lr_decay=FLAGS.lr_decay,
                                      augment_shift=FLAGS.augment_shift,
                                      augment_rotate=FLAGS.augment_rotate,
-                                     augment_scale=FLAGS.augment_scale, **overrides)
+                                     augment_scale=FLAGS.augment_scale,
+                                     domains=FLAGS.domains, proximal_lambda=FLAGS.proximal_lambda,
+                                     cg_steps=FLAGS.cg_steps, **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
@@ -130,11 +170,13 @@ def config_from_flags():
     return config
 
 
-def _draw(out_dir, config, learner, checkpoints_kept, held_out):
+def _draw(out_dir, config, learner, checkpoints_kept, held_out, style_examples=None):
     from functional_meta import checkpoints, plots, training
+    # mldg/erm draw no episodes: no way and shot in the legends (an empty config).
+    legend = {"config": {}} if training.is_supervised(config) else {}
     drawn = [plots.learning_curves(os.path.join(out_dir, training.HISTORY_FILE),
                                    os.path.join(out_dir, "learning_curves.png"),
-                                   title=f"{config['algorithm']} ({config['preset']})")]
+                                   title=f"{config['algorithm']} ({config['preset']})", **legend)]
     if config["data"] == "sinusoid":
         state, _, _ = checkpoints.restore_state(learner, out_dir)
         curves = training.sinusoid_curves(learner, state, steps=(1, 10), k_shot=config["k_shot"])
@@ -147,6 +189,10 @@ def _draw(out_dir, config, learner, checkpoints_kept, held_out):
             x, labels = training.embed_classes(learner, state, held_out)
             panels.append((f"step {info['step']}", x, labels))
         drawn.append(plots.embeddings(panels, os.path.join(out_dir, "embeddings.png")))
+    if config["domains"] != ["clean"] and style_examples is not None:
+        from functional_meta import domains
+        drawn.append(domains.plot_examples(style_examples, config["domains"],
+                                           os.path.join(out_dir, "domains.png")))
     for path in drawn:
         logging.info("wrote %s", path)
 
@@ -176,6 +222,9 @@ def main(argv):
         except ImportError:
             raise app.UsageError("--plots needs matplotlib: pip install 'functional_meta[plot]' "
                                  "(or pip install matplotlib)") from None
+    if FLAGS.algorithm in configs.RL_ALGORITHMS:        # tasks from an environment, no data
+        rl_run.rl_config_from_flags(FLAGS.algorithm, FLAGS.preset)    # bad flags: before TF
+        return rl_run.train_main(benchmarks.start_tensorflow())
     tf = benchmarks.start_tensorflow()
     from benchmarks import runner
     from functional_meta import checkpoints, distribute, training
@@ -188,8 +237,14 @@ def main(argv):
     if FLAGS.resume and not checkpoints.has_checkpoints(FLAGS.out_dir):
         raise app.UsageError(f"--resume: --out_dir={FLAGS.out_dir} holds no checkpoint to "
                              "continue; leave out --resume to start a new run there")
+    supervised = training.is_supervised(config)
     try:
-        train_classes, val_classes, test_classes = training.load_splits(config)
+        if supervised:                  # a fixed label set: every class, in every domain
+            train_parts, val_parts, style_examples = training.domain_splits(config)
+            train_classes = val_classes = test_classes = None
+        else:
+            train_classes, val_classes, test_classes = training.load_splits(config)
+            style_examples = train_classes
     except ValueError as error:
         raise app.UsageError(f"bad data flags (--data/--data_path/--*_groups/--split): {error}") \
             from None
@@ -213,16 +268,28 @@ def main(argv):
                                         task_chunk=FLAGS.task_chunk)
     except ValueError as error:
         raise app.UsageError(f"bad flags (--strategy/--meta_batch/--task_chunk): {error}") from None
-    sampler = training.make_sampler(train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
-                                    q_query=config["q_query"], meta_batch=config["meta_batch"],
-                                    seed=FLAGS.seed, **configs.augment_options(config))
     validate = None
-    if FLAGS.val_every:
+    if supervised:
+        from functional_meta import domains
+        try:
+            sampler = domains.DomainBatchSampler(train_parts, config["batch_size"], FLAGS.seed)
+        except ValueError as error:
+            raise app.UsageError(f"bad flags (--batch_size/--domains): {error}") from None
+        if FLAGS.val_every:
+            validate = training.supervised_validator(learner, val_parts, FLAGS.jit)
+    else:
+        sampler = training.make_sampler(
+            train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
+            q_query=config["q_query"], meta_batch=config["meta_batch"], seed=FLAGS.seed,
+            domain_names=config["domains"], sequences=training.is_sequence(config),
+            **configs.augment_options(config))
+    if FLAGS.val_every and not supervised:
         val_sampler = training.make_sampler(val_classes, n_way=val_n_way, k_shot=config["k_shot"],
                                             q_query=config["q_query"],
                                             meta_batch=min(training.EVAL_BATCH,
                                                            FLAGS.val_episodes),
-                                            seed=FLAGS.seed + 1)
+                                            seed=FLAGS.seed + 1, domain_names=config["domains"],
+                                            sequences=training.is_sequence(config))
         try:
             evaluator = training.make_evaluator(config, learner.apply, jit_compile=FLAGS.jit)
         except ValueError as error:
@@ -252,7 +319,8 @@ def main(argv):
     if FLAGS.plots:
         kept = checkpoints.Checkpoints(FLAGS.out_dir, learner.init(0), keep=None).candidates()
         _draw(FLAGS.out_dir, config, learner, list(reversed(kept)),
-              test_classes if test_classes is not None and len(test_classes) else val_classes)
+              test_classes if test_classes is not None and len(test_classes) else val_classes,
+              style_examples)
 
 
 def run():

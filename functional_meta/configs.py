@@ -17,7 +17,15 @@ import numpy as np
 
 from functional_meta import choices, presets
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "protonet", "pretrain")
+ALGORITHMS = ("maml", "fomaml", "metasgd", "protonet", "pretrain", "mann", "lstm", "mldg", "erm",
+              "imaml", "maml_rl", "pretrain_rl")
+# iMAML's fields (functional_meta.imaml), in its configs only: the proximal regularisation lambda
+# and the conjugate-gradient iterations of the implicit meta-gradient.
+IMAML_DEFAULTS = {"proximal_lambda": 2.0, "cg_steps": 5}
+# Supervised classifiers over a fixed label set across domains (functional_meta.mldg).
+SUPERVISED_ALGORITHMS = ("mldg", "erm")
+# Algorithms of the sequence protocol (functional_meta.mann, functional_meta.sequences).
+SEQUENCE_ALGORITHMS = ("mann", "lstm")
 LR_MODES = ("fixed", "metasgd", "lslr")
 DATA_SOURCES = choices.IMAGE_SOURCES + ("sinusoid",)
 CONFIG_FILE = "config.json"
@@ -26,7 +34,7 @@ RUN_FIELDS = ("steps",)
 # Config fields added after runs were first stored, with the value that earlier runs had: a
 # config.json without them reads as if it held these (``read_config``).
 LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "augment_rotate": 0.0,
-                  "augment_scale": 0.0}
+                  "augment_scale": 0.0, "domains": ["clean"]}
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 
 
@@ -34,11 +42,88 @@ def default_preset(algorithm, data=None):
     """The preset a binary starts from when ``--preset`` is not given."""
     if algorithm == "protonet":
         return "protonet_omniglot"
+    if algorithm in SEQUENCE_ALGORITHMS:
+        return "mann_omniglot_5way"
+    if algorithm in SUPERVISED_ALGORITHMS:
+        return "rotated_mnist"
     if algorithm == "pretrain" or data == "sinusoid":
         return "maml_sinusoid"
     if data in ("mnist", "mnist_tfds"):
         return "maml_mnist_mlp"
     return "maml_omniglot_5way"
+
+
+# MAML for reinforcement learning (functional_meta.maml_rl): maml_rl adapts with inner_steps
+# policy-gradient steps; pretrain_rl is the paper's pretrained baseline (one policy trained on
+# all tasks at once, inner_steps 0, fine-tuned at test time).
+RL_ALGORITHMS = ("maml_rl", "pretrain_rl")
+# The task families of functional_meta.envs: observation size and default horizon (here so the
+# flags are checked without importing TensorFlow).
+RL_ENVS = {"navigation2d": (2, 100), "bandit": (1, 10), "tabular_mdp": (10, 10)}
+RL_FIELDS = ("env", "horizon", "trajectories", "meta_batch", "inner_steps", "test_inner_steps",
+             "inner_lr", "discount", "outer", "max_kl", "outer_lr", "estimator", "hidden")
+# The meta-gradient estimators of functional_meta.maml_rl; first_order is 'maml' without the
+# second-order path through the inner step (the config's first_order field says so).
+RL_ESTIMATORS = ("exact", "lvc", "maml", "first_order")
+
+
+def make_rl_config(algorithm, preset="maml_rl_navigation", **overrides):
+    """A checked MAML-RL config (``maml_rl`` or ``pretrain_rl``): the preset's fields with the
+    non-``None`` ``overrides`` (``RL_FIELDS``); ``env`` changes the horizon to that family's
+    default unless ``horizon`` is given."""
+    if algorithm not in RL_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {list(RL_ALGORITHMS)}, got {algorithm!r}")
+    if preset not in presets.PRESETS or presets.PRESETS[preset]["family"] != "maml_rl":
+        names = sorted(n for n, c in presets.PRESETS.items() if c["family"] == "maml_rl")
+        raise ValueError(f"preset must be one of {names} for algorithm={algorithm!r}, got "
+                         f"{preset!r}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - set(RL_FIELDS))
+    if unknown:
+        raise ValueError(f"algorithm={algorithm!r} has no setting(s) {unknown}")
+    # LATER_DEFAULTS too: read_config adds them to every stored config (a resume compares).
+    config = dict(LATER_DEFAULTS, **presets.PRESETS[preset])
+    if "env" in overrides and overrides["env"] in RL_ENVS:
+        overrides.setdefault("horizon", RL_ENVS[overrides["env"]][1])
+        if overrides["env"] != "navigation2d":          # a softmax policy over few states
+            overrides.setdefault("hidden", [32, 32])
+    config.update(overrides, preset=preset, algorithm=algorithm)
+    config["first_order"] = config["estimator"] == "first_order"
+    if algorithm == "pretrain_rl":
+        if overrides.get("inner_steps"):
+            raise ValueError("algorithm='pretrain_rl' trains without adaptation; leave "
+                             "inner_steps unset")
+        config["inner_steps"] = 0
+    check_rl_config(config)
+    return json.loads(json.dumps(config))
+
+
+def check_rl_config(config):
+    """``ValueError`` naming the field (the binaries' flag) and its allowed range."""
+    if config.get("env") not in RL_ENVS:
+        raise ValueError(f"env must be one of {sorted(RL_ENVS)}, got {config.get('env')!r}")
+    check_positive_int(config, "horizon", "trajectories", "meta_batch", "test_inner_steps")
+    steps = config.get("inner_steps")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0 \
+            or (steps == 0) != (config["algorithm"] == "pretrain_rl"):
+        raise ValueError(f"inner_steps must be a positive integer for maml_rl (0 only for "
+                         f"pretrain_rl), got {steps!r}")
+    _check_positive_float(config, "inner_lr", "max_kl", "outer_lr")
+    if not isinstance(config.get("discount"), (int, float)) or not 0 < config["discount"] <= 1:
+        raise ValueError(f"discount must be in (0, 1], got {config.get('discount')!r}")
+    if config.get("outer") not in ("trpo", "adam"):
+        raise ValueError(f"outer must be 'trpo' or 'adam', got {config.get('outer')!r}")
+    if config.get("estimator") not in RL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {list(RL_ESTIMATORS)}, got "
+                         f"{config.get('estimator')!r}")
+    hidden = config.get("hidden") or []
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"hidden must be a list of positive layer widths, got {hidden!r}")
+    features = 2 * RL_ENVS[config["env"]][0] + 4           # the linear baseline's
+    if config["trajectories"] * config["horizon"] < features:
+        raise ValueError(f"trajectories={config['trajectories']} x horizon={config['horizon']} "
+                         f"steps per task cannot fit the {features}-feature baseline of "
+                         f"env={config['env']!r}; raise trajectories (K)")
 
 
 def check_positive_int(config, *names):
@@ -60,7 +145,8 @@ def _check_positive_float(config, *names):
 
 def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
                 lr_decay_every=0, lr_decay=0.5, augment_shift=0, augment_rotate=0.0,
-                augment_scale=0.0, **overrides):
+                augment_scale=0.0, domains=None, proximal_lambda=None, cg_steps=None,
+                **overrides):
     """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
     ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
     ``None`` overrides keep the preset's value.
@@ -73,12 +159,23 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     do.
 
     ``algorithm``: ``maml`` (second order), ``fomaml``, ``metasgd`` (learned per-weight inner rates),
-    ``protonet``, or ``pretrain`` (the sinusoid baseline: one network regressed on the mixture of
-    tasks, fine-tuned at test time like MAML). ``lr_mode='lslr'`` with ``maml`` gives MAML++'s
-    per-layer per-step learned rates.
+    ``protonet``, ``pretrain`` (the sinusoid baseline: one network regressed on the mixture of
+    tasks, fine-tuned at test time like MAML), ``mann`` (memory-augmented network, Santoro et al.
+    2016) or ``lstm`` (its baseline without memory); for the last two ``n_way`` is the classes and
+    ``k_shot`` the instances per class of a sequence (``functional_meta.sequences``). ``lr_mode='lslr'`` with ``maml`` gives MAML++'s
+    per-layer per-step learned rates. ``mldg`` (Li et al. 2018) and ``erm`` (pooled) train a
+    supervised classifier of ``n_way`` classes across ``domains`` (``functional_meta.mldg``).
+    ``imaml``: implicit MAML (``functional_meta.imaml``) with ``proximal_lambda`` and ``cg_steps``
+    (``IMAML_DEFAULTS`` when ``None``), fields of its configs only.
+
+    ``domains``: the training domains (``functional_meta.domains`` names, a list or a ','-joined
+    string; default ``['clean']``), stored in canonical spelling. Episodic learners draw each
+    episode within one of them.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+    if algorithm in RL_ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is configured by make_rl_config")
     preset = preset or default_preset(algorithm, data)
     if preset not in presets.PRESETS:
         raise ValueError(f"preset must be one of {sorted(presets.PRESETS)}, got {preset!r}")
@@ -88,6 +185,11 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     if unknown:
         raise ValueError(f"preset {preset!r} has no field(s) {unknown}")
     family = "protonet" if algorithm == "protonet" else "maml"
+    if algorithm in SEQUENCE_ALGORITHMS:
+        family = "mann"
+        config["net"] = algorithm            # the MANN, or the LSTM baseline without memory
+    if algorithm in SUPERVISED_ALGORITHMS:
+        family = "supervised"
     if config["family"] != family:
         raise ValueError(f"preset={preset!r} is a {config['family']} preset but algorithm="
                          f"{algorithm!r} needs a {family} preset")
@@ -99,10 +201,17 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     lr_mode = lr_mode or "fixed"
     if lr_mode not in LR_MODES:
         raise ValueError(f"lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
-    if family == "protonet" and lr_mode != "fixed":
-        raise ValueError("lr_mode applies to MAML's inner loop; protonet has none")
+    if family in ("protonet", "mann") and lr_mode != "fixed":
+        raise ValueError(f"lr_mode applies to MAML's inner loop; {algorithm} has none")
     if algorithm == "pretrain" and lr_mode != "fixed":
         raise ValueError("algorithm='pretrain' fine-tunes with a fixed inner_lr; leave lr_mode unset")
+    imaml_fields = {"proximal_lambda": proximal_lambda, "cg_steps": cg_steps}
+    if algorithm == "imaml":
+        if lr_mode != "fixed":
+            raise ValueError("algorithm='imaml' adapts with a fixed inner_lr; leave lr_mode unset")
+        config.update({k: IMAML_DEFAULTS[k] if v is None else v for k, v in imaml_fields.items()})
+    elif any(v is not None for v in imaml_fields.values()):
+        raise ValueError("proximal_lambda and cg_steps apply to algorithm='imaml' only")
     if metric not in choices.METRICS:
         raise ValueError(f"metric must be one of {list(choices.METRICS)}, got {metric!r}")
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
@@ -111,6 +220,7 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
                   augment_scale=augment_scale)
     if data is not None:
         config["data"] = data
+    config["domains"] = domain_names(["clean"] if domains is None else domains)
     check_config(config)
     return json.loads(json.dumps(config))        # tuples -> lists: the same dict config.json holds
 
@@ -118,6 +228,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
 def check_config(config):
     """Raises ``ValueError`` naming the field (the binaries' flag of the same name) if a config
     cannot be trained; run before anything is loaded or compiled."""
+    if config.get("algorithm") in RL_ALGORITHMS:
+        return check_rl_config(config)
     if config.get("data") not in DATA_SOURCES:
         raise ValueError(f"data must be one of {list(DATA_SOURCES)}, got {config.get('data')!r}")
     regression = config.get("loss") == "mse"
@@ -129,7 +241,12 @@ def check_config(config):
                          "(maml_sinusoid) and a regression preset needs data='sinusoid'")
     if config["algorithm"] == "protonet" and regression:
         raise ValueError("algorithm='protonet' classifies; it cannot train on sinusoid regression")
-    check_positive_int(config, "n_way", "k_shot", "q_query", "meta_batch")
+    if config["family"] == "mann":      # n_way classes x k_shot instances, no query set
+        check_positive_int(config, "n_way", "k_shot", "meta_batch")
+    elif config["family"] == "supervised":
+        _check_supervised(config)
+    else:
+        check_positive_int(config, "n_way", "k_shot", "q_query", "meta_batch")
     _check_positive_float(config, "outer_lr")
     for name in ("lr_decay_every", "augment_shift"):
         value = config[name]
@@ -141,6 +258,13 @@ def check_config(config):
                          f"steps), got {decay!r}")
     from functional_meta import episodes        # here: it imports TensorFlow
     episodes.check_warp(config["augment_rotate"], config["augment_scale"])
+    names = domain_names(config.get("domains", ["clean"]))
+    if names != ["clean"] and (regression or len(config.get("image_shape", ())) != 3):
+        raise ValueError(f"domains={names} are image styles; data={config['data']!r} has no images")
+    if config["family"] == "supervised" and config["algorithm"] == "mldg" \
+            and len(names) <= config["meta_test"]:
+        raise ValueError(f"mldg needs more domains than meta_test={config['meta_test']} (its "
+                         f"meta-test domains per step), got {len(names)}: {names}")
     shape = tuple(config.get("image_shape", ()))
     for name in AUGMENT_FIELDS:
         if config[name] and (regression or len(shape) != 3):
@@ -153,9 +277,21 @@ def check_config(config):
     if config["family"] == "maml":
         check_positive_int(config, "inner_steps", "test_inner_steps")
         _check_positive_float(config, "inner_lr")
+    if config["algorithm"] == "imaml":
+        _check_positive_float(config, "proximal_lambda")
+        check_positive_int(config, "cg_steps")
     if config.get("test_n_way") is not None:
         check_positive_int(config, "test_n_way")
-    if config["net"] == "conv4":
+    if config["family"] == "mann":
+        check_positive_int(config, "controller", "memory_slots", "memory_size", "read_heads")
+        _check_positive_float(config, "clip_norm")
+        if config["read_heads"] > config["memory_slots"]:
+            raise ValueError(f"read_heads={config['read_heads']} must not exceed memory_slots="
+                             f"{config['memory_slots']}")
+        gamma = config["gamma"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+            raise ValueError(f"gamma (the usage decay) must be in [0, 1], got {gamma!r}")
+    elif config["net"] == "conv4":
         check_positive_int(config, "channels")
         if config["pool"] not in ("stride", "max"):
             raise ValueError(f"pool must be 'stride' or 'max', got {config['pool']!r}")
@@ -163,6 +299,33 @@ def check_config(config):
         hidden = config.get("hidden") or []
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a list of positive layer widths, got {hidden!r}")
+
+
+def domain_names(names):
+    """Canonical domain names of a list or ','-joined string (``domains.parse_list``);
+    ``ValueError`` naming ``domains`` and the allowed forms."""
+    from functional_meta import domains        # here: it imports TensorFlow
+    try:
+        return domains.parse_list(names)
+    except ValueError as error:
+        raise ValueError(f"domains: {error}") from None
+
+
+def _check_supervised(config):
+    """The fields of an MLDG/ERM config (``functional_meta.mldg``)."""
+    check_positive_int(config, "n_way", "batch_size", "meta_test", "eval_batch")
+    _check_positive_float(config, "inner_lr")
+    if config.get("lr_mode", "fixed") != "fixed":
+        raise ValueError(f"lr_mode applies to MAML's inner loop; {config['algorithm']} has a "
+                         "fixed inner_lr (MLDG's virtual step)")
+    beta = config["beta"]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+        raise ValueError(f"beta (MLDG's meta-test weight) must be a non-negative number, got "
+                         f"{beta!r}")
+    for name in AUGMENT_FIELDS:
+        if config[name]:
+            raise ValueError(f"{name}={config[name]}: {config['algorithm']} trains without "
+                             "augmentation (its domains are the styles)")
 
 
 def save_config(out_dir, config):

@@ -392,12 +392,15 @@ def leave_one_out_baseline(tasks, values, reg=1e-3):
     regression of ``values [T]`` on the task parameters' features ``[1, task, task^2]``, left out
     in closed form (``y_i - (y_i - yhat_i) / (1 - h_ii)`` with ``h`` the hat matrix). It never
     uses task ``i``'s trajectories, so it is a valid baseline for the sampling-distribution term
-    (no bias); with one task it is 0."""
+    (no bias). With fewer than twice as many tasks as features (e.g. tabular MDPs) it is the
+    mean of the other tasks' values; with one task it is 0."""
     count = values.shape[0]
     if count < 2:
         return tf.zeros_like(values)
     tasks = tf.cast(tasks, tf.float64)
-    x = tf.concat([tf.ones([count, 1], tf.float64), tasks, tf.square(tasks)], 1)
+    x = tf.ones([count, 1], tf.float64)
+    if count >= 2 * (2 * tasks.shape[1] + 1):
+        x = tf.concat([x, tasks, tf.square(tasks)], 1)
     gram = tf.matmul(x, x, transpose_a=True) + reg * tf.eye(x.shape[1], dtype=tf.float64)
     hat = tf.matmul(x, tf.linalg.solve(gram, tf.transpose(x)))
     y = tf.cast(values, tf.float64)

@@ -191,3 +191,67 @@ def embeddings(panels, path, title="ProtoNet embeddings of held-out classes (PCA
     and a class legend; ``classes`` are names or numbers. Written to the PNG ``path``."""
     return _save(embeddings_figure(panels, title), path)
 
+
+def accuracy_by_instance(curves, path, title="Accuracy by instance (held-out classes)"):
+    """Santoro et al. (2016) Figure 2's shape: accuracy against the instance number of a class in
+    its episode, one line with its 95% band per model; ``curves`` maps a label to ``(means [K],
+    half-widths [K])`` for instances ``1..K``."""
+    if not curves:
+        raise ValueError("accuracy_by_instance needs at least one curve")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for label, (mean, ci) in curves.items():
+        mean, ci = np.asarray(mean, np.float64), np.asarray(ci, np.float64)
+        instances = np.arange(1, len(mean) + 1)
+        ax.plot(instances, mean, "o-", label=label)
+        ax.fill_between(instances, mean - ci, mean + ci, alpha=0.25)
+    ax.set_xlabel("instance")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def navigation_trajectories(observations, goal, path, title="MAML, 2D navigation"):
+    """The MAML paper's Figure 4 panel: a held-out goal and the positions of trajectories before
+    adaptation and after each policy-gradient step (``observations [stages, K, H, 2]``, the
+    second output of ``maml_rl.make_evaluator`` for one task), written to the PNG ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(observations)))
+    for stage, (paths, color) in enumerate(zip(observations, colors)):
+        label = "pre-update" if stage == 0 else f"{stage} step{'s' if stage > 1 else ''}"
+        for k, trajectory in enumerate(paths[:3]):
+            points = np.concatenate([np.zeros((1, 2)), np.asarray(trajectory)])
+            ax.plot(points[:, 0], points[:, 1], "-", color=color, alpha=0.8, lw=1.2,
+                    label=label if k == 0 else None)
+    ax.plot(goal[0], goal[1], "*", color="red", markersize=14, label="goal")
+    ax.plot(0, 0, "o", color="black", markersize=5)
+    ax.set_xlim(-0.6, 0.6)
+    ax.set_ylim(-0.6, 0.6)
+    ax.set_aspect("equal")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def returns_by_step(rows, max_steps, path, title="Return after adaptation"):
+    """Mean return against the number of policy-gradient steps, one line per row of
+    ``rows`` (``{'name', 'return_<s>', 'return_<s>_ci95'}``) with its 95% band; PNG ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps = np.arange(max_steps + 1)
+    for row in rows:
+        mean = np.array([row[f"return_{s}"] for s in steps])
+        half = np.array([row[f"return_{s}_ci95"] for s in steps])
+        ax.plot(steps, mean, "o-", label=row["name"])
+        ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
+    ax.set_xticks(steps)
+    ax.set_xlabel("policy-gradient steps on the held-out task")
+    ax.set_ylabel("mean return (95% interval)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -2,7 +2,8 @@
 
 Every preset names its algorithm family, network and episode shape; binaries start from a preset
 and let any flag override a field. Values follow the papers: MAML (Finn et al. 2017, Section 5 and
-its reference code), Prototypical Networks (Snell et al. 2017, Section 3).
+its reference code), Prototypical Networks (Snell et al. 2017, Section 3), memory-augmented
+networks (Santoro et al. 2016, Section 4).
 """
 
 import math
@@ -45,6 +46,35 @@ PRESETS = {
         family="protonet", net="conv4", channels=64, pool="max", image_shape=(84, 84, 3),
         n_way=30, k_shot=1, q_query=15, meta_batch=1, outer_lr=1e-3, test_n_way=5,
         data="synthetic"),
+    # MANN (Santoro et al. 2016): LSTM controller of 200 units, LRUA memory 128 x 40 with 4 read
+    # heads; sequences of 5 classes x 10 instances (50 steps) of 20x20 images, one-hot labels,
+    # meta-batch 16. n_way = classes, k_shot = instances per class; no query set. Adam (the paper:
+    # RMSProp) with gradients clipped to norm clip_norm; gamma is the usage decay.
+    "mann_omniglot_5way": dict(
+        family="mann", net="mann", image_shape=(20, 20, 1), n_way=5, k_shot=10, q_query=0,
+        meta_batch=16, controller=200, memory_slots=128, memory_size=40, read_heads=4,
+        gamma=0.95, clip_norm=10.0, outer_lr=1e-3, loss="cross_entropy", data="omniglot"),
+    # The paper's second setting: 15 classes x 10 instances (150 steps), one-hot labels here.
+    "mann_omniglot_15way": dict(
+        family="mann", net="mann", image_shape=(20, 20, 1), n_way=15, k_shot=10, q_query=0,
+        meta_batch=16, controller=200, memory_slots=128, memory_size=40, read_heads=4,
+        gamma=0.95, clip_norm=10.0, outer_lr=1e-3, loss="cross_entropy", data="omniglot"),
+    # Domain generalisation (MLDG, ERM) on Rotated MNIST as DomainBed (Gulrajani & Lopez-Paz 2021)
+    # trains it: a classifier of the n_way = 10 digits, batch_size = 64 images per training domain
+    # a step, Adam 1e-3. MLDG: virtual SGD step inner_lr, meta-test weight beta (DomainBed's
+    # default 1), meta_test domains per step. conv4 stands in for DomainBed's MNIST CNN;
+    # eval_batch images per scoring batch (batch norm uses each batch's statistics).
+    "rotated_mnist": dict(
+        family="supervised", net="conv4", channels=64, pool="stride", image_shape=(28, 28, 1),
+        n_way=10, batch_size=64, inner_lr=0.1, beta=1.0, meta_test=1, eval_batch=500,
+        outer_lr=1e-3, loss="cross_entropy", data="mnist"),
+    # MAML-RL 2D navigation (Finn et al. 2017, sec. 5.3 and its code): Gaussian policy, two hidden
+    # layers of 100 ReLUs; 20 tasks x 20 trajectories of 100 steps; one vanilla policy-gradient
+    # step with alpha 0.1; TRPO with max KL 0.01; discount 0.99 (functional_meta.maml_rl).
+    "maml_rl_navigation": dict(
+        family="maml_rl", net="policy_mlp", hidden=(100, 100), env="navigation2d", horizon=100,
+        trajectories=20, meta_batch=20, inner_steps=1, test_inner_steps=3, inner_lr=0.1,
+        discount=0.99, outer="trpo", max_kl=0.01, outer_lr=0.01, estimator="exact"),
 }
 
 
@@ -63,8 +93,14 @@ def get(name, **overrides):
 def network(config, n_way=None):
     """``(init, apply)`` for a preset's network; ``n_way`` overrides the head size (``None`` keeps
     the config's; ProtoNet configs have no head)."""
-    from functional_meta import nets            # here: the presets stay free of TensorFlow
+    from functional_meta import mann, nets      # here: the presets stay free of TensorFlow
     way = n_way or config["n_way"]
+    if config["net"] == "mann":
+        return mann.mann(way, tuple(config["image_shape"]), controller=config["controller"],
+                         memory_slots=config["memory_slots"], memory_size=config["memory_size"],
+                         read_heads=config["read_heads"], gamma=config["gamma"])
+    if config["net"] == "lstm":
+        return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"])
     if config["net"] == "conv4":
         head = None if config["family"] == "protonet" else way
         return nets.conv4(head, channels=config["channels"], in_shape=tuple(config["image_shape"]),

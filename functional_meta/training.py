@@ -6,9 +6,12 @@ The pieces, in the order a binary uses them (after ``configs.make_config``):
 - ``make_sampler``: an episode sampler for image classes or sinusoid tasks; batch ``i`` is a pure
   function of ``(seed, i)``, so the sampler's whole state is the number of consumed batches.
 - ``make_learner``: ``init(seed) -> state`` and the compiled ``step(state, batch) -> (state, metrics)``
-  of MAML / FOMAML / Meta-SGD / MAML++ LSLR / ProtoNet, or the jointly pretrained sinusoid baseline.
-- ``make_evaluator`` and ``evaluate``: per-episode accuracy (or MSE) over held-out episodes and the
-  95% interval of their mean; ``pixel_baseline`` is nearest neighbour on raw pixels.
+  of MAML / FOMAML / Meta-SGD / MAML++ LSLR / ProtoNet, the jointly pretrained sinusoid baseline,
+  or the memory-augmented network and its LSTM baseline (``functional_meta.mann``, on
+  ``functional_meta.sequences`` batches).
+- ``make_evaluator`` and ``evaluate``: per-episode accuracy (or MSE; for sequences also the
+  accuracy at each instance number) over held-out episodes and the 95% interval of their mean;
+  ``pixel_baseline`` is nearest neighbour on raw pixels.
 - ``train``: the loop, with progress lines, TensorBoard summaries, validation, best/latest
   checkpoints (``functional_meta.checkpoints``), exact resume (logs included), and a stop on the
   first non-finite loss or a diverging one (``divergence_threshold``).
@@ -28,8 +31,9 @@ from tensorflow.core.framework import summary_pb2
 from tensorflow.core.util import event_pb2
 
 from functional_meta import data as data_lib
-from functional_meta import (checkpoints, configs, distribute, episodes, maml, metrics, optim,
-                             presets, protonet)
+from functional_meta import (checkpoints, configs, distribute, domains, episodes, maml, mann,
+                             metrics, mldg, optim, presets, protonet)
+from functional_meta import sequences as sequences_lib
 
 HISTORY_FILE = "history.jsonl"
 # Episodes per evaluation batch (validation and test); the last batch is cut to the count asked.
@@ -38,8 +42,9 @@ EVAL_BATCH = 25
 
 def default_jit(algorithm):
     """MAML-style steps compile with XLA everywhere; ProtoNet's only on GPU (oneDNN convolutions
-    beat XLA's on CPU)."""
-    if algorithm == "protonet":
+    beat XLA's on CPU), and so the recurrent MANN and LSTM (docs/mann.md: XLA's loop ran them
+    slower on CPU)."""
+    if algorithm in ("protonet", "mann", "lstm"):
         return bool(tf.config.list_physical_devices("GPU"))
     return True
 
@@ -161,11 +166,25 @@ def check_split(split, name, n_way, k_shot, q_query):
 
 
 def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_shift=0,
-                 augment_rotate=0.0, augment_scale=0.0):
+                 augment_rotate=0.0, augment_scale=0.0, sequences=False, domain_names=None):
     """``EpisodeSampler`` over ``classes`` (a ``ClassData``), or ``SinusoidSampler`` when
     ``classes`` is ``None``; ``n_way`` is ignored for sinusoids. The ``augment_*`` settings are for
     the training sampler only (a config's fields, ``augment_options``); evaluation samplers keep
-    the defaults, no augmentation."""
+    the defaults, no augmentation. ``sequences=True`` (the MANN and LSTM, ``is_sequence``): a
+    ``sequences.SequenceSampler`` of ``n_way`` classes x ``k_shot`` instances (``q_query``
+    unused). ``domain_names`` (a config's ``domains``) other than ``['clean']``: a
+    ``domains.DomainEpisodeSampler``, each episode within one of those domains."""
+    if domain_names and list(domain_names) != ["clean"]:
+        if sequences or classes is None:
+            raise ValueError(f"domains={list(domain_names)} need image episodes")
+        return domains.DomainEpisodeSampler(
+            classes, domain_names, n_way, k_shot, q_query, meta_batch=meta_batch, seed=seed,
+            augment_shift=augment_shift, augment_rotate=augment_rotate,
+            augment_scale=augment_scale)
+    if sequences:
+        return sequences_lib.SequenceSampler(
+            classes, n_way, k_shot, meta_batch=meta_batch, seed=seed, augment_shift=augment_shift,
+            augment_rotate=augment_rotate, augment_scale=augment_scale)
     if classes is None:
         if augment_shift or augment_rotate or augment_scale:
             raise ValueError("augment_* change images; sinusoid tasks have none")
@@ -197,14 +216,27 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
     speed setting with the same result, not part of the config.
     """
     configs.check_config(config)
-    if task_chunk is not None and config["algorithm"] in ("protonet", "pretrain"):
+    if config["algorithm"] in configs.RL_ALGORITHMS:
+        return _rl_learner(config, jit_compile, strategy, task_chunk)
+    if task_chunk is not None and config["algorithm"] in ("protonet", "pretrain", "mann", "lstm"):
         raise ValueError(f"task_chunk={task_chunk} needs a MAML-style algorithm")
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
     init, apply = presets.network(config)
     outer_lr = outer_rate(config)
-    if strategy is not None and config["algorithm"] == "pretrain":
-        raise ValueError("the pretrain baseline runs on one device only (no --strategy)")
+    if strategy is not None and config["algorithm"] in ("pretrain", "mann", "lstm"):
+        raise ValueError(f"{config['algorithm']} runs on one device only (no --strategy)")
+    if is_sequence(config):
+        step = mann.make_train_step(apply, outer_lr, config["clip_norm"], jit_compile)
+        return Learner(config, lambda seed: mann.init_state(init(seed)), step, apply)
+    if is_supervised(config):
+        if strategy is not None:
+            raise ValueError(f"{config['algorithm']} runs on one device only (no --strategy)")
+        options = {} if config["algorithm"] == "erm" else dict(
+            inner_lr=config["inner_lr"], beta=config["beta"], meta_test=config["meta_test"])
+        step = mldg.make_train_step(apply, config["algorithm"], lr=outer_lr,
+                                    jit_compile=jit_compile, loss=config["loss"], **options)
+        return Learner(config, lambda seed: mldg.init_state(init(seed)), step, apply)
     if config["algorithm"] == "protonet":
         step = distribute.make_train_step(
             strategy, "protonet", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
@@ -217,6 +249,15 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
 
     if config["algorithm"] == "pretrain":
         return Learner(config, init_state, _pretrain_step(apply, outer_lr, jit_compile), apply)
+    if config["algorithm"] == "imaml":
+        if strategy is not None:
+            raise ValueError("imaml runs on one device only (no --strategy)")
+        from functional_meta import imaml
+        step = imaml.make_train_step(
+            apply, inner_steps=config["inner_steps"], lam=config["proximal_lambda"],
+            cg_steps=config["cg_steps"], outer_lr=outer_lr, loss=config["loss"],
+            jit_compile=jit_compile, task_chunk=task_chunk or default_task_chunk(config))
+        return Learner(config, init_state, step, apply)
     step = distribute.make_train_step(
         strategy, "maml", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
         inner_steps=config["inner_steps"], outer_lr=outer_lr,
@@ -224,6 +265,105 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
         task_chunk=task_chunk or default_task_chunk(
             config, strategy.num_replicas_in_sync if strategy is not None else 1))
     return Learner(config, init_state, step, apply)
+
+
+def rl_parts(config):
+    """``(env, policy, settings)`` of a MAML-RL config (``functional_meta.maml_rl``)."""
+    from functional_meta import envs, maml_rl
+    env = envs.make(config["env"], config["horizon"])
+    policy = maml_rl.default_policy(env, tuple(config["hidden"]))
+    settings = maml_rl.Settings(
+        trajectories=config["trajectories"], inner_steps=config["inner_steps"],
+        inner_lr=config["inner_lr"], discount=config["discount"],
+        first_order=config["first_order"],
+        estimator="maml" if config["first_order"] else config["estimator"])
+    return env, policy, settings
+
+
+def _rl_learner(config, jit_compile, strategy, task_chunk):
+    """MAML-RL (or its pretrained baseline): the state is the policy's weights and the outer
+    optimiser's; a batch is ``(tasks, seed pair)`` from ``envs.TaskSampler``."""
+    from functional_meta import maml_rl
+    if strategy is not None or task_chunk is not None:
+        raise ValueError(f"{config['algorithm']} runs on one device, whole meta-batch (no "
+                         "--strategy, no --task_chunk)")
+    env, policy, settings = rl_parts(config)
+    step = maml_rl.make_train_step(env, policy, settings, outer=config["outer"],
+                                   outer_lr=config["outer_lr"], max_kl=config["max_kl"],
+                                   jit_compile=True if jit_compile is None else jit_compile)
+    return Learner(config, lambda seed: maml_rl.init_state(policy, seed, config["outer"]), step,
+                   policy.distribution)
+
+
+def rl_sampler(config, seed):
+    """The training task sampler of a MAML-RL config: batch ``i`` is ``(tasks, seed pair)``, a
+    pure function of ``(seed, i)``."""
+    from functional_meta import envs
+    return envs.TaskSampler(envs.make(config["env"], config["horizon"]), config["meta_batch"],
+                            seed)
+
+
+def is_supervised(config):
+    """Whether ``config`` trains a fixed-label-set classifier across domains (MLDG, ERM)."""
+    return config["algorithm"] in configs.SUPERVISED_ALGORITHMS
+
+
+# The images of each training domain held out for validation (DomainBed's training-domain
+# validation, holdout fraction 0.2).
+DOMAIN_VAL_FRACTION = 0.2
+
+
+def domain_splits(config, data=None):
+    """MLDG/ERM data: ``(train, val, held_out)``. Each class's images are cut into one disjoint
+    part per training domain (``config['domains']``) plus one held out (``domains.partition``,
+    seed ``split_seed``), as DomainBed's Rotated MNIST gives each domain its own digits; each
+    training part, in its domain's style, keeps ``1 - DOMAIN_VAL_FRACTION`` of its images for
+    training (``train``, a list of ``ClassData``) and the rest for validation (``val``, one
+    ``ClassData`` per domain). ``held_out`` is the last part, unstyled: ``fm-eval
+    --test_domain`` styles it. ``data``: the loaded ``ClassData`` (default: ``config``'s source).
+    """
+    if data is None:
+        shape = tuple(config["image_shape"])
+        data = data_lib.load(config["data"], config.get("data_path"), image_size=shape[0],
+                             image_shape=shape, seed=config.get("split_seed", 0))
+    if len(data) != config["n_way"]:
+        raise ValueError(f"n_way={config['n_way']} classes in the config but the data has "
+                         f"{len(data)}: a fixed-label-set classifier needs them equal")
+    names = config["domains"]
+    seed = config.get("split_seed", 0)
+    parts = domains.partition(data, len(names) + 1, seed)
+    train, val = [], []
+    for part, name in zip(parts, names):
+        styled = domains.apply(part, name, seed)
+        cut = [max(1, round(len(x) * DOMAIN_VAL_FRACTION)) for x in styled.images]
+        kept = data_lib.ClassData([x[c:] for x, c in zip(styled.images, cut)], styled.names,
+                                  styled.groups)
+        held = data_lib.ClassData([x[:c] for x, c in zip(styled.images, cut)], styled.names,
+                                  styled.groups)
+        train.append(kept)
+        val.append(held)
+    return train, val, parts[-1]
+
+
+def supervised_validator(learner, parts, jit_compile=None):
+    """``validate(state) -> {'accuracy', 'accuracy_ci95'}`` of an MLDG/ERM learner over the images
+    of ``parts`` (``ClassData`` of the same classes, e.g. ``domain_splits``' ``val``), scored in
+    batches of the config's ``eval_batch``."""
+    if jit_compile is None:
+        jit_compile = default_jit(learner.config["algorithm"])
+    hits = mldg.make_eval_step(learner.apply, jit_compile)
+    labelled = [domains.labelled(p) for p in parts]
+    x = np.concatenate([a for a, _ in labelled])
+    y = np.concatenate([b for _, b in labelled])
+
+    def validate(state):
+        return mldg.evaluate(hits, state["weights"], x, y, learner.config["eval_batch"])
+    return validate
+
+
+def is_sequence(config):
+    """Whether ``config`` trains on label-offset sequences (the MANN and its LSTM baseline)."""
+    return config["algorithm"] in configs.SEQUENCE_ALGORITHMS
 
 
 def outer_rate(config):
@@ -256,18 +396,26 @@ def _pretrain_step(apply, outer_lr, jit_compile):
     return step
 
 
-def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None):
+def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None,
+                   bn="transductive"):
     """``evaluator(state, batch) -> {'accuracy': [B]}`` (classification; MAML adds ``'loss'``) or
     ``{'mse': [B]}`` (regression), numpy, one value per episode.
 
     MAML-family learners adapt for ``inner_steps`` (default ``test_inner_steps``) on each support
-    set; their head fixes ``n_way`` to the training way. ProtoNet takes any ``n_way``.
+    set; their head fixes ``n_way`` to the training way. ProtoNet takes any ``n_way``. ``bn``:
+    batch norm's statistics for the queries, ``'transductive'`` (the batch scored, as in training)
+    or ``'support'`` (the support set's alone, so each query is scored independently;
+    ``nets.support_rows``). MANN/LSTM networks have no batch norm and take only the default.
     """
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
+    if is_sequence(config):
+        if bn != "transductive":
+            raise ValueError(f"bn={bn!r}: the {config['algorithm']} network has no batch norm")
+        return _sequence_evaluator(config, apply, n_way, jit_compile)
     n_way = n_way or (config.get("test_n_way") or config["n_way"])
     if config["algorithm"] == "protonet":
-        eval_step = protonet.make_eval_step(apply, n_way, config["metric"], jit_compile)
+        eval_step = protonet.make_eval_step(apply, n_way, config["metric"], jit_compile, bn)
 
         def evaluate_protonet(state, batch):
             accuracy, _ = eval_step(state["weights"], batch)
@@ -281,8 +429,16 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
     inner_steps = inner_steps or config["test_inner_steps"]
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
-    eval_step = maml.make_eval_step(apply, inner_steps=inner_steps, loss=config["loss"],
-                                    jit_compile=jit_compile)
+    if config["algorithm"] == "imaml":      # test-time adaptation solves the proximal problem
+        if bn != "transductive":
+            raise ValueError(f"bn={bn!r}: imaml evaluates with the batch's own statistics only")
+        from functional_meta import imaml
+        eval_step = imaml.make_eval_step(apply, inner_steps=inner_steps,
+                                         lam=config["proximal_lambda"], loss=config["loss"],
+                                         jit_compile=jit_compile)
+    else:
+        eval_step = maml.make_eval_step(apply, inner_steps=inner_steps, loss=config["loss"],
+                                        jit_compile=jit_compile, bn=bn)
 
     def evaluate_maml(state, batch):
         losses, accuracy = eval_step(state["weights"], state["inner_lr"], batch)
@@ -290,6 +446,26 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
             return {"mse": np.asarray(losses, np.float64)}
         return {"accuracy": np.asarray(accuracy, np.float64), "loss": np.asarray(losses, np.float64)}
     return evaluate_maml
+
+
+def _sequence_evaluator(config, apply, n_way, jit_compile):
+    """The MANN/LSTM evaluator: per episode ``accuracy`` over all steps, ``loss``, and
+    ``instance_<k>``, the accuracy at the ``k``-th instance of the episode's classes."""
+    if n_way not in (None, config["n_way"]):
+        raise ValueError(f"n_way={n_way}, but this {config['algorithm']} network's output has "
+                         f"{config['n_way']} classes: evaluate it with {config['n_way']} classes")
+    eval_step = mann.make_eval_step(apply, jit_compile=jit_compile)
+
+    def evaluate_sequences(state, batch):
+        predictions, losses = eval_step(state["weights"], batch)
+        labels = np.asarray(batch[2])
+        by_instance = sequences_lib.accuracy_by_instance(predictions, labels,
+                                                         labels.shape[1] // config["n_way"])
+        values = {"accuracy": (np.asarray(predictions) == labels).mean(axis=1),
+                  "loss": np.asarray(losses, np.float64)}
+        values.update({f"instance_{k + 1}": by_instance[:, k] for k in range(by_instance.shape[1])})
+        return values
+    return evaluate_sequences
 
 
 def episode_values(evaluator, state, sampler, num_episodes):
@@ -462,7 +638,15 @@ def _image_summary(tag, images, step):
 
 
 def _episode_summary(batch, step):
-    """The first episode's support and query sets as TensorBoard images."""
+    """The first episode's support and query sets (a sequence's images) as TensorBoard images."""
+    if len(batch) == 3:                                      # sequences.SequenceSampler
+        _image_summary("episode/sequence", batch[0][0], step)
+        return
+    if len(batch) == 2 and np.ndim(batch[0]) < 3:            # envs.TaskSampler: no images
+        return
+    if len(batch) == 2:                                      # domains.DomainBatchSampler
+        _image_summary("batch/first_domain", batch[0][0], step)
+        return
     support_x, _, query_x, _ = batch
     if np.ndim(support_x) == 5:
         _image_summary("episode/support", support_x[0], step)
@@ -471,14 +655,15 @@ def _episode_summary(batch, step):
 
 def divergence_threshold(config):
     """The mean training loss above which a classification run counts as diverging:
-    ``10 log(n_way) + 10``, or ``None`` for regression (an MSE has no chance level).
+    ``10 log(n_way) + 10``, or ``None`` for regression and RL (an MSE or a return has no chance
+    level).
 
     A model that guesses uniformly has the loss ``log(n_way)`` (runs start near it); a mean loss
     above the threshold means the right class gets, on average, a probability below
     ``n_way**-10 * e**-10``: the model is confidently wrong, as after an outer rate so large that
     the weights blew up (a loss of 1e8 to 1e11 at ``outer_lr=1e6``), never while it learns.
     """
-    if config.get("loss") == "mse":
+    if config.get("loss") == "mse" or config["algorithm"] in configs.RL_ALGORITHMS:
         return None
     return 10 * math.log(config["n_way"]) + 10
 

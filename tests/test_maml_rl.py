@@ -327,3 +327,47 @@ def test_bad_rl_configs_fail_before_anything_compiles(overrides, message):
     from functional_meta import configs
     with pytest.raises(ValueError, match=message):
         configs.make_rl_config("maml_rl", **overrides)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env=cartpole"], "flag --env=cartpole: value should be one of"),
+    (["--horizon=0"], "--horizon=0: 0 is not a positive integer"),
+    (["--trajectories=1", "--horizon=3"], "trajectories=1 x horizon=3 steps per task cannot fit"),
+    (["--outer=adam", "--estimator=dice"], "flag --estimator=dice: value should be one of"),
+])
+def test_fm_train_rejects_bad_rl_flags_before_tensorflow(tmp_path, args, message):
+    """fm-train --algorithm=maml_rl with an unknown env, a horizon below 1 or a K too small for
+    the baseline exits with a message naming the flag, without importing TensorFlow (fast)."""
+    import subprocess
+    import sys
+    import time
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "benchmarks.train", "--algorithm=maml_rl",
+                           f"--out_dir={tmp_path}", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    assert "Compiled cluster" not in done.stderr
+    assert not list(tmp_path.iterdir())                       # nothing written
+    assert time.perf_counter() - start < 60
+
+
+def test_leave_one_out_baseline_never_uses_the_tasks_own_value():
+    """Each task's baseline equals a regression fitted without it (numpy), so changing a task's
+    value leaves its own baseline unchanged; high-dimensional tasks get the others' mean."""
+    rng = np.random.default_rng(0)
+    tasks = rng.uniform(-0.5, 0.5, size=(12, 2))
+    values = rng.normal(size=12)
+    got = maml_rl.leave_one_out_baseline(tf.constant(tasks), tf.constant(values)).numpy()
+    x = np.concatenate([np.ones((12, 1)), tasks, tasks ** 2], 1)
+    for i in range(12):
+        keep = np.arange(12) != i
+        coef = np.linalg.solve(x[keep].T @ x[keep] + 1e-3 * np.eye(5), x[keep].T @ values[keep])
+        assert got[i] == pytest.approx(x[i] @ coef, abs=1e-8)
+    changed = values.copy()
+    changed[3] += 10.0
+    again = maml_rl.leave_one_out_baseline(tf.constant(tasks), tf.constant(changed)).numpy()
+    assert again[3] == pytest.approx(got[3], abs=1e-8)
+    wide = maml_rl.leave_one_out_baseline(tf.constant(rng.normal(size=(4, 9))),
+                                          tf.constant(values[:4])).numpy()
+    np.testing.assert_allclose(wide, [(values[:4].sum() - v) / 3 for v in values[:4]], atol=1e-3)
