@@ -17,8 +17,8 @@ def _si(value, unit):
 
 def throughput(r):
     """``(per_second, unit)`` of a record with ``config`` and ``step_s``: the meta-batch over the
-    median step, in tasks (MAML) or episodes (ProtoNet)."""
-    unit = "episodes" if r["config"]["family"] == "protonet" else "tasks"
+    median step, in tasks (MAML) or episodes (ProtoNet, MANN/LSTM sequences)."""
+    unit = "episodes" if r["config"]["family"] in ("protonet", "mann") else "tasks"
     return r["config"]["meta_batch"] / r["step_s"]["median"], unit
 
 

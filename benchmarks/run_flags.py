@@ -30,11 +30,13 @@ flags.DEFINE_float("val_fraction", 0.1, "With group lists and no --val_groups: t
                    "training classes held out for validation (0 = none).")
 flags.DEFINE_integer("split_seed", 0, "Seed of the random class splits.", lower_bound=0)
 flags.DEFINE_bool("jit", None, "XLA-compile the steps; default: on for MAML-style algorithms, for "
-                  "ProtoNet only on GPU (oneDNN convolutions are faster on CPU).")
+                  "ProtoNet only on GPU (oneDNN convolutions are faster on CPU), for MANN/LSTM "
+                  "only on GPU (XLA's loop ran them slower on CPU).")
 flags.DEFINE_integer("n_way", None, "Classes per episode; default: the preset's (fm-eval: the "
-                     "checkpoint's test way).", lower_bound=1)
+                     "checkpoint's test way). MANN/LSTM: classes per sequence.", lower_bound=1)
 flags.DEFINE_integer("k_shot", None, "Support examples per class; default: the preset's (fm-eval: "
-                     "the checkpoint's).", lower_bound=1)
+                     "the checkpoint's). MANN/LSTM: instances of each class in a sequence.",
+                     lower_bound=1)
 flags.DEFINE_integer("q_query", None, "Query examples per class; default: the preset's (fm-eval: "
                      "the checkpoint's for MAML, so batch norm sees query sets of the trained "
                      "size; 15 for ProtoNet and the pixel baselines).", lower_bound=1)

@@ -1,0 +1,347 @@
+"""MANN with LRUA memory and the LSTM baseline: the memory equations against numpy, gradients of
+the whole sequence against finite differences, the label-offset protocol, and learning on
+Omniglot's held-out alphabets."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app, flags
+from absl.testing import flagsaver
+
+from benchmarks import evaluate as eval_bin
+from benchmarks import train as train_bin
+from functional_meta import checkpoints, configs, data, episodes, mann, sequences, training
+
+OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
+SMALL1 = ['Balinese', 'Early_Aramaic', 'Greek', 'Korean', 'Latin']
+NEW_IN_SMALL2 = ['Japanese_(katakana)', 'Sanskrit', 'Tagalog']
+FLAGS = flags.FLAGS
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory against a numpy reference of the paper's equations
+
+
+def numpy_lrua(memory, usage, read_weights, keys, gates, strengths, gamma):
+    """Equations (4)-(7), (1)-(3) of Santoro et al. (2016), slot by slot and head by head."""
+    n_slots, heads = memory.shape[0], keys.shape[0]
+    order = np.argsort(usage, kind='stable')
+    lu = np.zeros(n_slots)
+    lu[order[:heads]] = 1.0                                  # (5): the n least used, n = heads
+    memory = memory.copy()
+    memory[order[0]] = 0.0                                   # the least used slot, zeroed
+    write = np.zeros((heads, n_slots))
+    for h in range(heads):
+        g = 1.0 / (1.0 + np.exp(-gates[h]))
+        write[h] = g * read_weights[h] + (1 - g) * lu       # (6)
+    for i in range(n_slots):
+        for h in range(heads):
+            memory[i] += write[h, i] * keys[h]               # (7)
+    read = np.zeros((heads, n_slots))
+    for h in range(heads):
+        sim = np.array([keys[h] @ memory[i] / np.sqrt((keys[h] @ keys[h] + mann.COSINE_EPSILON)
+                                                      * (memory[i] @ memory[i]
+                                                         + mann.COSINE_EPSILON))
+                        for i in range(n_slots)])            # (1)
+        e = np.exp(strengths[h] * sim - np.max(strengths[h] * sim))
+        read[h] = e / e.sum()                                # (2)
+    reads = read @ memory                                    # (3)
+    usage = gamma * usage + read.sum(0) + write.sum(0)       # (4)
+    return memory, usage, read, reads
+
+
+def test_lrua_step_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    b, n, m, r = 3, 7, 4, 2
+    memory = rng.normal(size=(b, n, m))
+    usage = rng.uniform(0, 2, size=(b, n))
+    read_weights = rng.dirichlet(np.ones(n), size=(b, r))
+    keys, gates, strengths = rng.normal(size=(b, r, m)), rng.normal(size=(b, r)), \
+        rng.uniform(0.5, 4, size=(b, r))
+    state, reads = mann.lrua_step(mann.MemoryState(memory, usage, read_weights), keys, gates,
+                                  strengths, 0.9)
+    for i in range(b):
+        want = numpy_lrua(memory[i], usage[i], read_weights[i], keys[i], gates[i], strengths[i],
+                          0.9)
+        for got, expected in zip((state.memory[i], state.usage[i], state.read_weights[i],
+                                  reads[i]), want):
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_least_used_marks_exactly_n_slots_ties_to_lower_index():
+    usage = tf.constant([[0.5, 0.0, 0.0, 0.2, 0.0], [3.0, 1.0, 2.0, 0.5, 4.0]], tf.float64)
+    lu, least = mann.least_used(usage, 2)
+    np.testing.assert_array_equal(lu.numpy(), [[0, 1, 1, 0, 0], [0, 1, 0, 1, 0]])
+    np.testing.assert_array_equal(least.numpy(), [[0, 1, 0, 0, 0], [0, 0, 0, 1, 0]])
+    lu, _ = mann.least_used(tf.zeros([1, 4], tf.float64), 4)   # every slot, all tied
+    np.testing.assert_array_equal(lu.numpy(), [[1, 1, 1, 1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the whole sequence
+
+
+TINY = dict(n_classes=3, image_shape=(2, 2, 1))
+
+
+def tiny_sequence(batch=2, steps=7, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=(batch, steps)).astype(np.int32)
+    images = rng.uniform(size=(batch, steps, 2, 2, 1))
+    return images, sequences.previous_labels(labels), labels
+
+
+@pytest.mark.parametrize('model', ['mann', 'lstm'])
+def test_sequence_gradient_matches_finite_differences(model):
+    init, apply = (mann.mann(**TINY, controller=5, memory_slots=6, memory_size=3, read_heads=2,
+                             gamma=0.9) if model == 'mann' else mann.lstm(**TINY, units=5))
+    weights = [w * 3 for w in init(1, dtype=tf.float64)]     # larger weights: saturating gates
+    weights = [w + 0.1 for w in weights]                     # nonzero biases
+    batch = tiny_sequence()
+
+    def loss(ws):
+        return mann.loss_and_logits(apply, ws, batch)[0]
+
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        value = loss(weights)
+    grads = tape.gradient(value, weights)
+    rng = np.random.default_rng(2)
+    eps = 1e-6
+    for i, w in enumerate(weights):                          # one random direction per tensor
+        d = tf.constant(rng.normal(size=w.shape))
+        plus = loss([v + eps * d if j == i else v for j, v in enumerate(weights)])
+        minus = loss([v - eps * d if j == i else v for j, v in enumerate(weights)])
+        numeric = float(plus - minus) / (2 * eps)
+        analytic = float(tf.reduce_sum(grads[i] * d))
+        assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9), f"weight {i}"
+
+
+def test_model_is_causal_and_reads_the_previous_label():
+    """Logits at step t do not change when anything after t changes; the label input changes
+    them from the next step on."""
+    init, apply = mann.mann(**TINY, controller=4, memory_slots=5, memory_size=3, read_heads=2)
+    weights = init(0, dtype=tf.float64)
+    images, previous, labels = tiny_sequence(batch=1, steps=6)
+    base = apply(weights, (images, previous)).numpy()
+    later = images.copy()
+    later[:, 3:] += 1.0
+    changed = apply(weights, (later, previous)).numpy()
+    np.testing.assert_array_equal(changed[:, :3], base[:, :3])
+    assert np.abs(changed[:, 3:] - base[:, 3:]).max() > 1e-6
+    relabelled = previous.copy()
+    relabelled[:, 4] = (relabelled[:, 4] + 1) % 3
+    changed = apply(weights, (images, relabelled)).numpy()
+    np.testing.assert_array_equal(changed[:, :4], base[:, :4])
+    assert np.abs(changed[:, 4:] - base[:, 4:]).max() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The episode protocol
+
+
+def synthetic_classes(num=12, per_class=12):
+    rng = np.random.default_rng(0)
+    images = [np.full((per_class, 4, 4, 1), i, np.uint8) + rng.integers(0, 3, (per_class, 4, 4, 1),
+                                                                        dtype=np.uint8)
+              for i in range(num)]
+    names = [f'c{i}' for i in range(num)]
+    return data.ClassData(images, names, names)
+
+
+def test_sampler_gives_each_step_the_previous_label_only():
+    classes = synthetic_classes()
+    sampler = sequences.SequenceSampler(classes, 4, 5, meta_batch=6, seed=3)
+    images, previous, labels = sampler.batch(2)
+    assert images.shape == (6, 20, 4, 4, 1) and previous.shape == labels.shape == (6, 20)
+    assert [s.shape for s in sampler.signature()] == [images.shape, previous.shape, labels.shape]
+    np.testing.assert_array_equal(previous[:, 0], -1)
+    np.testing.assert_array_equal(previous[:, 1:], labels[:, :-1])
+    for episode_labels, episode_images in zip(labels, images):
+        assert sorted(np.bincount(episode_labels)) == [5] * 4        # 5 instances of 4 classes
+        for label in range(4):           # one class per label: its images share the class value
+            values = np.round(episode_images[episode_labels == label].min(axis=(1, 2, 3)) * 255)
+            assert len(set(values // 3)) <= 1 or np.ptp(values) < 3
+    # Random order and label assignment per episode; batch i a pure function of (seed, i).
+    assert len({tuple(e) for e in labels}) == 6
+    again = sequences.SequenceSampler(classes, 4, 5, meta_batch=6, seed=3)
+    for a, b in zip(again.batch(2), (images, previous, labels)):
+        np.testing.assert_array_equal(a, b)
+    again.sample()
+    assert again.get_state() == {'seed': 3, 'next_batch': 1}
+    sampler.set_state(again.get_state())
+    np.testing.assert_array_equal(sampler.sample()[2], again.sample()[2])
+    first = next(iter(episodes.dataset(sampler, start_batch=2, num_batches=1)))
+    np.testing.assert_array_equal(first[2].numpy(), labels)
+
+
+def test_sampler_rejects_impossible_episodes():
+    classes = synthetic_classes(num=3, per_class=4)
+    with pytest.raises(ValueError, match='n_classes=4'):
+        sequences.SequenceSampler(classes, 4, 2)
+    with pytest.raises(ValueError, match='n_instances=5'):
+        sequences.SequenceSampler(classes, 2, 5)
+
+
+def test_instance_numbers_and_accuracy_by_instance():
+    labels = np.array([[2, 0, 2, 2, 0, 1]])
+    np.testing.assert_array_equal(sequences.instance_numbers(labels), [[1, 1, 2, 3, 2, 1]])
+    predictions = np.array([[2, 1, 2, 0, 0, 1]])
+    # 1st instances: steps 0, 1, 5 -> 2 of 3 right; 2nd: steps 2, 4 -> both; 3rd: step 3 wrong.
+    np.testing.assert_allclose(sequences.accuracy_by_instance(predictions, labels, 3),
+                               [[2 / 3, 1.0, 0.0]])
+
+
+def test_copying_the_label_input_is_never_right_at_a_first_instance():
+    """A model that predicts its label input would score 100% if a step saw its own label; with
+    the label one step late it is never right at a class's first instance after step 0 (below the
+    20% of guessing) and right at a later one only when the class repeats."""
+    sampler = sequences.SequenceSampler(synthetic_classes(), 5, 10, meta_batch=50, seed=0)
+    images, previous, labels = sampler.batch(0)
+
+    def copy_label(weights, episode):
+        return tf.one_hot(episode[1], 5)
+
+    evaluator = training._sequence_evaluator(
+        configs.make_config('lstm', data='synthetic'), copy_label, None, False)
+    result = evaluator({'weights': []}, (images, previous, labels))
+    # Step 0 has no label to copy (zero logits, argmax 0): right there only if its label is 0.
+    np.testing.assert_array_equal(result['instance_1'], 0.2 * (labels[:, 0] == 0))
+    repeats = (previous == labels).mean()                     # about (10 - 1) / 50
+    assert 0.1 < repeats < 0.3
+    assert result['accuracy'].mean() == pytest.approx(repeats + (labels[:, 0] == 0).mean() / 50)
+    leaked = evaluator({'weights': []}, (images, labels, labels))   # a sampler that leaked
+    np.testing.assert_array_equal(leaked['instance_1'], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, the compiled step
+
+
+def test_configs_and_presets():
+    config = configs.make_config('mann')
+    assert (config['controller'], config['memory_slots'], config['memory_size'],
+            config['read_heads'], config['n_way'], config['k_shot']) == (200, 128, 40, 4, 5, 10)
+    assert config['image_shape'] == [20, 20, 1] and config['net'] == 'mann'
+    assert configs.make_config('lstm')['net'] == 'lstm'
+    assert configs.make_config('mann', preset='mann_omniglot_15way')['n_way'] == 15
+    with pytest.raises(ValueError, match='read_heads=9 must not exceed memory_slots=8'):
+        configs.make_config('mann', memory_slots=8, read_heads=9)
+    with pytest.raises(ValueError, match='gamma'):
+        configs.make_config('mann', gamma=1.5)
+    with pytest.raises(ValueError, match='mann preset'):
+        configs.make_config('maml', preset='mann_omniglot_5way')
+    with pytest.raises(ValueError, match='lr_mode'):
+        configs.make_config('lstm', lr_mode='lslr')
+
+
+@pytest.mark.parametrize('algorithm', [pytest.param('mann', marks=pytest.mark.slow), 'lstm'])
+def test_compiled_step_matches_plain_function_and_learns(algorithm):
+    config = configs.make_config(algorithm, data='synthetic', controller=8, memory_slots=6,
+                                 memory_size=4, read_heads=2, image_shape=(4, 4, 1), n_way=3,
+                                 k_shot=3, meta_batch=4, outer_lr=1e-2)
+    sampler = training.make_sampler(synthetic_classes(), n_way=3, k_shot=3, q_query=0,
+                                    meta_batch=4, seed=0, sequences=True)
+    batch = tuple(tf.constant(x) for x in sampler.batch(0))
+    results = []
+    for jit in (True, False):
+        learner = training.make_learner(config, jit_compile=jit)
+        state = learner.init(0)
+        losses = []
+        for _ in range(5):
+            state, step_metrics = learner.step(state, batch)
+            losses.append(float(step_metrics['loss']))
+        results.append((losses, state['weights']))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    assert results[0][0][-1] < results[0][0][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The binaries
+
+
+def run_binary(module, argv):
+    """A binary's main in this process, with its flags parsed from ``argv`` and restored after."""
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS([module.__name__] + list(argv))
+        module.main([module.__name__])
+
+
+def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, capsys):
+    pytest.importorskip('matplotlib')
+    run = str(tmp_path / 'lstm')
+    common = ['--algorithm=lstm', '--data=synthetic', '--n_way=3', '--k_shot=4', '--meta_batch=2',
+              f'--out_dir={run}', '--log_every=2', '--checkpoint_every=2', '--val_every=2',
+              '--val_episodes=4', '--nojit', '--deterministic']
+    run_binary(train_bin, common + ['--steps=2'])
+    run_binary(train_bin, common + ['--steps=4', '--resume'])
+    history = [json.loads(line) for line in (tmp_path / 'lstm' / 'history.jsonl').read_text()
+               .splitlines()]
+    assert [r['step'] for r in history if 'split' not in r] == [2, 4]
+    assert 'instance_4' in [r for r in history if r.get('split') == 'val'][-1]
+    capsys.readouterr()
+    plot = tmp_path / 'by_instance.png'
+    run_binary(eval_bin, [f'--checkpoint={run}', '--num_episodes=30', '--eval_split=val',
+                          f'--plot_instances={plot}', '--json', '--nojit'])
+    out = capsys.readouterr().out
+    assert 'sequences of 3 classes x 4 instances' in out and '30 episodes' in out
+    assert re.search(r'by instance: 1st [01]\.\d{4} ± [01]\.\d{4}  2nd .* 4th ', out), out
+    record = [json.loads(line) for line in out.splitlines() if line.startswith('{')][0]
+    assert record['num_episodes'] == 30 and 0 <= record['instance_1'] <= 1
+    rows = (tmp_path / 'by_instance.csv').read_text().splitlines()
+    assert rows[0] == 'model,instance,accuracy,ci95' and len(rows) == 1 + 4
+    assert plot.stat().st_size > 1000
+    with pytest.raises(app.UsageError, match='--plot_instances draws accuracy by instance'):
+        run_binary(eval_bin, ['--method=nn', '--data=synthetic', f'--plot_instances={plot}'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning on Omniglot
+
+
+@pytest.fixture
+def omniglot_paths():
+    paths = [OMNIGLOT / 'images_background_small1.zip', OMNIGLOT / 'images_background_small2.zip']
+    if not all(p.exists() for p in paths):
+        pytest.skip(f"Omniglot small zips not found in {OMNIGLOT}")
+    return ','.join(str(p) for p in paths)
+
+
+# A small MANN on short sequences (3 classes x 5 instances; one head, memory 16 x 16) learns to
+# recall within a minute; the paper's preset needs thousands of steps (docs/mann.md).
+SHORT_RUN = dict(n_way=3, k_shot=5, controller=64, memory_slots=16, memory_size=16, read_heads=1,
+                 outer_lr=3e-3)
+SHORT_STEPS = 2000
+
+
+@pytest.mark.slow
+def test_mann_recalls_held_out_omniglot_characters(omniglot_paths, tmp_path):
+    """A short run trains on small1's alphabets (with rotations); on episodes of the alphabets
+    only small2 has, the 2nd instance of a class is recognised clearly more often than the 1st
+    could be guessed."""
+    config = configs.make_config('mann', data='omniglot', **SHORT_RUN)
+    config.update(data_path=omniglot_paths, rotations=True, train_groups=SMALL1,
+                  test_groups=NEW_IN_SMALL2, val_fraction=0)
+    train, _, test = training.load_splits(config)
+    learner = training.make_learner(config, jit_compile=True)
+    sampler = training.make_sampler(train, n_way=config['n_way'], k_shot=config['k_shot'],
+                                    q_query=0, meta_batch=config['meta_batch'], seed=0,
+                                    sequences=True)
+    result = training.train(learner, sampler, out_dir=tmp_path, steps=SHORT_STEPS,
+                            log_every=SHORT_STEPS, summaries=False)
+    assert result.step == SHORT_STEPS
+    state, _, _ = checkpoints.restore_state(learner, tmp_path)
+    test_sampler = training.make_sampler(test, n_way=config['n_way'], k_shot=config['k_shot'],
+                                         q_query=0, meta_batch=100, seed=1, sequences=True)
+    evaluator = training.make_evaluator(config, learner.apply, jit_compile=True)
+    scores = training.evaluate(evaluator, state, test_sampler, 200)
+    gap = scores['instance_2'] - scores['instance_1']
+    # Before learning, guessing a label not yet seen gives the 1st instance ~0.6 and the 2nd less.
+    assert gap > 0.08 and gap > scores['instance_2_ci95'] + scores['instance_1_ci95'], scores
