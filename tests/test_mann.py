@@ -291,6 +291,7 @@ def run_binary(module, argv):
         module.main([module.__name__])
 
 
+@pytest.mark.slow
 def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, capsys):
     pytest.importorskip('matplotlib')
     run = str(tmp_path / 'lstm')
@@ -299,9 +300,16 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
               '--val_episodes=4', '--nojit', '--deterministic']
     run_binary(train_bin, common + ['--steps=2'])
     run_binary(train_bin, common + ['--steps=4', '--resume'])
-    history = [json.loads(line) for line in (tmp_path / 'lstm' / 'history.jsonl').read_text()
-               .splitlines()]
+    whole = [a.replace(run, run + '_whole') for a in common]
+    run_binary(train_bin, whole + ['--steps=4'])
+
+    def records(folder):                   # losses, accuracies, validation: no timing fields
+        timing = ('steps', 'episodes_per_sec', 'eta_sec')
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (Path(folder) / 'history.jsonl').read_text().splitlines()]
+    history = records(run)
     assert [r['step'] for r in history if 'split' not in r] == [2, 4]
+    assert history == records(run + '_whole')          # the resumed run logs what one run logs
     assert 'instance_4' in [r for r in history if r.get('split') == 'val'][-1]
     capsys.readouterr()
     plot = tmp_path / 'by_instance.png'
