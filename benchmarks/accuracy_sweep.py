@@ -97,11 +97,12 @@ def train_point(point, base_args, runs_dir, timeout):
     return dict(row, metric=metric, score=score, ci95=ci, val_step=record["step"])
 
 
-def curve_point(checkpoint, steps, episodes, seed, timeout):
-    """fm-eval of ``checkpoint`` on the validation classes after ``steps`` inner steps: a row."""
+def curve_point(checkpoint, steps, episodes, seed, timeout, extra=()):
+    """fm-eval of ``checkpoint`` on the validation classes after ``steps`` inner steps: a row.
+    ``extra``: more fm-eval arguments (the runs' ``--jit``/``--nojit``)."""
     command = [sys.executable, "-m", "benchmarks.evaluate", f"--checkpoint={checkpoint}",
                "--eval_split=val", f"--num_episodes={episodes}", f"--eval_seed={seed}",
-               f"--inner_steps={steps}", "--json"]
+               f"--inner_steps={steps}", "--json", *extra]
     row = {**{c: "" for c in CURVE_COLUMNS}, "inner_steps": steps, "checkpoint": checkpoint}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -200,7 +201,7 @@ def heat_map(rows, grid, path, title):
     ax.set_xlabel(x_name or "")
     ax.set_ylabel(y_name)
     fig.colorbar(image, ax=ax, label=f"validation {metric}" + (" (%)" if percent else ""))
-    ax.set_title(textwrap.fill(title, 60), fontsize=8)
+    ax.set_title(textwrap.fill(title, 70), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -228,6 +229,16 @@ def curve_plot(rows, path, title):
     return True
 
 
+# Flags left out of the heat map's title (long lists; the CSV's command has them).
+UNTITLED = ("data_path", "train_groups", "val_groups", "test_groups", "exclude_groups")
+
+
+def plot_title(base_args):
+    """The heat map's title: the fm-train arguments but data paths and group lists."""
+    kept = [a for a in base_args if a.lstrip("-").split("=", 1)[0] not in UNTITLED]
+    return "fm-train " + " ".join(kept)
+
+
 def sweep(grid, points, base_args, *, csv_path, plot_path, runs_dir, jobs, timeout,
           curve_steps, curve_episodes):
     """The whole accuracy sweep (see the module docstring); returns the number of failed points."""
@@ -241,11 +252,7 @@ def sweep(grid, points, base_args, *, csv_path, plot_path, runs_dir, jobs, timeo
     write_csv(csv_path, rows, names)
     print(f"wrote {csv_path}")
     best = best_row(rows)
-    # The title: the fm-train arguments, data paths shortened to their file names.
-    setting = " ".join(re.sub(r"(--data_path=)(\S+)", lambda m: m[1] + ",".join(
-        Path(p).name for p in m[2].split(",")), a) for a in base_args)
-    if plot_path and best is not None and heat_map(rows, grid, plot_path,
-                                                    f"fm-train {setting}"[:300]):
+    if plot_path and best is not None and heat_map(rows, grid, plot_path, plot_title(base_args)):
         print(f"wrote {plot_path}")
     if best is not None:
         print(f"best: {' '.join(f'--{k}={best[k]}' for k in names)}: {_summary(best)}")
@@ -253,7 +260,8 @@ def sweep(grid, points, base_args, *, csv_path, plot_path, runs_dir, jobs, timeo
         if config.get("family") == "maml" and curve_steps:
             checkpoint = str(Path(best["run_dir"], "checkpoints", f"ckpt-{best['val_step']}"))
             seed = int(config.get("seed", 0)) + 1          # fm-train's validation episodes
-            curve = run_all(curve_point, [(checkpoint, s, curve_episodes, seed, timeout)
+            jit = [a for a in base_args if a.split("=")[0] in ("--jit", "--nojit")]
+            curve = run_all(curve_point, [(checkpoint, s, curve_episodes, seed, timeout, jit)
                                           for s in curve_steps], jobs,
                             lambda a, r: f"{a[1]} inner steps: {_summary(r)}")
             stem = str(Path(csv_path).with_suffix(""))

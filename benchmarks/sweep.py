@@ -13,6 +13,14 @@ own process's. All points are parsed and validated before the first one runs. A 
 
 The plot (matplotlib, optional: without it the plot is skipped) has the first grid flag on the x
 axis and one line per combination of the others; top panel tasks/s, bottom panel peak memory.
+
+``--bench=train`` sweeps accuracy instead (benchmarks.accuracy_sweep; the tutorial's exercise 2):
+each point is a short fm-train run scored by its final validation with its 95% interval, ``--jobs``
+of them at once; the CSV, a heat map of the score over the one or two swept flags, and for MAML
+the best point's validation score after each of ``--curve_steps`` test-time inner steps:
+
+  fm-sweep --bench=train --grid=inner_lr=0.1,0.4,1.0 --grid=outer_lr=3e-4,1e-3,3e-3 \\
+      --csv=lr.csv -- --algorithm=maml --data=omniglot --data_path=... --steps=300 --val_every=300
 """
 
 import csv
@@ -27,13 +35,29 @@ from absl import app, flags, logging
 from benchmarks import flag_groups
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("bench", "maml", ["maml", "protonet"], "Which benchmark binary to run.")
+flags.DEFINE_enum("bench", "maml", ["maml", "protonet", "train"], "Which benchmark binary to "
+                  "run; train: fm-train runs scored by validation accuracy (an accuracy sweep).")
 flags.DEFINE_multi_string("grid", None, "A swept flag and its values, NAME=V1,V2,... (or "
                           "NAME=V1;V2 when values hold commas); repeat for a product grid.")
 flags.DEFINE_string("csv", "sweep.csv", "Where to write one row per grid point.")
 flags.DEFINE_string("plot", None, "Where to write the PNG plot (default: the CSV path with "
                     ".png); an empty string skips it.")
 flags.DEFINE_integer("timeout", 3600, "Seconds one grid point may run.", lower_bound=1)
+flags.DEFINE_integer("jobs", 1, "--bench=train: grid points run at once (each its own process; "
+                     "speed benchmarks always run one at a time).", lower_bound=1)
+flags.DEFINE_string("runs_dir", None, "--bench=train: folder of the runs, one sub-folder per "
+                    "point (a point whose folder holds checkpoints is resumed); default: the CSV "
+                    "path without .csv, plus _runs.")
+flags.DEFINE_list("curve_steps", ["1", "2", "3", "5", "10"], "--bench=train, MAML: test-time "
+                  "inner steps at which the best point is scored on the validation classes "
+                  "(empty: no curve).")
+flags.DEFINE_integer("curve_episodes", 200, "--bench=train: validation episodes per point of the "
+                     "inner-steps curve.", lower_bound=1)
+
+
+@flags.validator("curve_steps", "--curve_steps: positive integers separated by commas")
+def _check_curve_steps(value):
+    return all(v.isdigit() and int(v) > 0 for v in value)
 flags.mark_flag_as_required("grid")
 
 COLUMNS = ("step_median_ms", "step_iqr_ms", "tasks_per_s", "first_call_s", "achieved_gflops",
@@ -149,6 +173,11 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e))
     points = grid_points(grid)
+    if FLAGS.bench == "train":
+        return _accuracy_sweep(grid, points, base_args)
+    if FLAGS.jobs != 1:
+        raise app.UsageError("--jobs: speed benchmarks run one at a time (they would time each "
+                             "other); --jobs is for --bench=train")
     for point in points:  # every point's flags are valid before anything runs
         try:
             flag_groups.parse_flags(FLAGS.bench, [*base_args, *_args(point)])
@@ -176,6 +205,24 @@ def main(argv):
     if failed:
         print(f"{failed} of {len(rows)} points failed")
     if failed == len(rows):
+        sys.exit(1)
+
+
+def _accuracy_sweep(grid, points, base_args):
+    from benchmarks import accuracy_sweep
+    try:
+        accuracy_sweep.check(grid, base_args)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    plot_path = os.path.splitext(FLAGS.csv)[0] + ".png" if FLAGS.plot is None else FLAGS.plot
+    runs_dir = FLAGS.runs_dir or os.path.splitext(FLAGS.csv)[0] + "_runs"
+    failed = accuracy_sweep.sweep(
+        grid, points, base_args, csv_path=FLAGS.csv, plot_path=plot_path, runs_dir=runs_dir,
+        jobs=FLAGS.jobs, timeout=FLAGS.timeout, curve_steps=[int(s) for s in FLAGS.curve_steps],
+        curve_episodes=FLAGS.curve_episodes)
+    if failed:
+        print(f"{failed} of {len(points)} points failed")
+    if failed == len(points):
         sys.exit(1)
 
 

@@ -182,8 +182,8 @@ def test_fm_eval_saves_episodes_rescores_them_and_scores_lake_runs(tmp_path):
     proto, maml = tmp_path / "proto", tmp_path / "maml"
     for done in (run_module("benchmarks.train", "--algorithm=protonet", "--n_way=5", "--q_query=2",
                             f"--out_dir={proto}", *common),
-                 run_module("benchmarks.train", "--algorithm=maml", "--meta_batch=2",
-                            f"--out_dir={maml}", *common)):
+                 run_module("benchmarks.train", "--algorithm=maml", "--preset=maml_mnist_mlp",
+                            "--hidden=8", "--meta_batch=2", f"--out_dir={maml}", *common[:-1])):
         assert done.returncode == 0, done.stderr[-2000:]
     saved = tmp_path / "saved"
     first = run_module("benchmarks.evaluate", f"--checkpoint={proto}", "--num_episodes=6",
