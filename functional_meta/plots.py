@@ -214,18 +214,19 @@ def accuracy_by_instance(curves, path, title="Accuracy by instance (held-out cla
 
 
 def navigation_trajectories(observations, goal, path, title="MAML, 2D navigation"):
-    """The MAML paper's Figure 4 panel: a held-out goal and the positions of trajectories before
-    adaptation and after each policy-gradient step (``observations [stages, K, H, 2]``, the
-    second output of ``maml_rl.make_evaluator`` for one task), written to the PNG ``path``."""
+    """The MAML paper's Figure 4 panel: a held-out goal and, before adaptation and after each
+    policy-gradient step, the mean position over the K sampled trajectories at each time step
+    (thick) and one of the trajectories (faint); ``observations [stages, K, H, 2]`` is the second
+    output of ``maml_rl.make_evaluator`` for one task. Written to the PNG ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(observations)))
     for stage, (paths, color) in enumerate(zip(observations, colors)):
         label = "pre-update" if stage == 0 else f"{stage} step{'s' if stage > 1 else ''}"
-        for k, trajectory in enumerate(paths[:3]):
-            points = np.concatenate([np.zeros((1, 2)), np.asarray(trajectory)])
-            ax.plot(points[:, 0], points[:, 1], "-", color=color, alpha=0.8, lw=1.2,
-                    label=label if k == 0 else None)
+        paths = np.concatenate([np.zeros_like(paths[:, :1]), np.asarray(paths)], axis=1)
+        ax.plot(paths[0, :, 0], paths[0, :, 1], "-", color=color, alpha=0.25, lw=0.8)
+        mean = paths.mean(axis=0)                    # the mean position at each time step
+        ax.plot(mean[:, 0], mean[:, 1], "-", color=color, lw=2.2, label=label)
     ax.plot(goal[0], goal[1], "*", color="red", markersize=14, label="goal")
     ax.plot(0, 0, "o", color="black", markersize=5)
     ax.set_xlim(-0.6, 0.6)
