@@ -132,9 +132,9 @@ def train_main(tf):
           f"validation: {best}; last checkpoint: {result.checkpoint}")
     if FLAGS.plots:
         from functional_meta import plots
-        path = plots.learning_curves(os.path.join(FLAGS.out_dir, training.HISTORY_FILE),
-                                     os.path.join(FLAGS.out_dir, "learning_curves.png"),
-                                     title=f"{config['algorithm']} ({config['env']})")
+        path = plots.rl_learning_curve(os.path.join(FLAGS.out_dir, training.HISTORY_FILE),
+                                       os.path.join(FLAGS.out_dir, "learning_curves.png"),
+                                       title=f"{config['algorithm']} ({config['env']})")
         logging.info("wrote %s", path)
 
 

@@ -256,3 +256,27 @@ def returns_by_step(rows, max_steps, path, title="Return after adaptation"):
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def rl_learning_curve(history_path, path, title="MAML-RL"):
+    """A MAML-RL run's mean return after adaptation in each progress window (minus its
+    ``loss``) and, if it validated, the held-out return with its 95% band, against the step;
+    PNG ``path``."""
+    plt = _pyplot()
+    train, val = read_history(history_path)
+    val = [r for r in val if "return" in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([r["step"] for r in train], [-r["loss"] for r in train], "-",
+            label="training: mean return after adaptation, each progress window")
+    if val:
+        steps = np.array([r["step"] for r in val])
+        mean = np.array([r["return"] for r in val])
+        half = np.array([r["return_ci95"] for r in val])
+        ax.plot(steps, mean, "o-", label="held-out tasks after the test-time steps (95% band)")
+        ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("mean return")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
