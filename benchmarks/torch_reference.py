@@ -163,13 +163,13 @@ def build_step(config, params):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    torch = _torch()
-    benchmarks.start_tensorflow()                # the library's initial weights
-    from benchmarks import runner
     overrides = {name: FLAGS[name].value for name in
                  ("n_way", "k_shot", "q_query", "meta_batch", "inner_steps")}
     if presets.PRESETS[FLAGS.preset]["family"] == "protonet" and overrides["inner_steps"]:
         raise app.UsageError(f"--inner_steps is a MAML setting; --preset={FLAGS.preset} is ProtoNet")
+    torch = _torch()
+    benchmarks.start_tensorflow()                # the library's initial weights
+    from benchmarks import runner
     config = presets.get(FLAGS.preset, **{k: v for k, v in overrides.items() if k in
                                           presets.PRESETS[FLAGS.preset]})
     if FLAGS.threads:

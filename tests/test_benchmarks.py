@@ -66,6 +66,7 @@ def check_timing(record, algorithm_flops):
     assert math.isfinite(record["loss"])
 
 
+@pytest.mark.slow
 def test_maml_bench_reports_every_number_and_writes_a_profile(tmp_path):
     profile = tmp_path / "profile"
     done = run_module("benchmarks.maml_bench", *TINY_MAML, "--inner_steps=2", "--msl",
@@ -89,6 +90,7 @@ def test_maml_bench_reports_every_number_and_writes_a_profile(tmp_path):
     assert list(profile.glob("plugins/profile/*/*.xplane.pb")), "no profiler trace written"
 
 
+@pytest.mark.slow
 def test_sweep_runs_protonet_in_eager_and_function_mode_and_writes_csv_and_plot(tmp_path):
     table = tmp_path / "sweep.csv"
     done = run_module("benchmarks.sweep", "--bench=protonet", "--grid=mode=eager,function",
@@ -112,6 +114,7 @@ def test_sweep_runs_protonet_in_eager_and_function_mode_and_writes_csv_and_plot(
         assert "matplotlib is not installed" in done.stdout
 
 
+@pytest.mark.slow
 def test_data_dependent_flag_errors_exit_before_compiling():
     # synthetic_classes has 20 images per class: 15 + 10 do not fit.
     done = run_module("benchmarks.maml_bench", *TINY_MAML, "--data=synthetic_classes",
@@ -224,6 +227,7 @@ def _tasks(config, seed=0):
     return tuple(tf.constant(a) for a in runner.synthetic_batch(config, seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_order, msl", [(False, True), (True, False)])
 def test_maml_step_flops_match_the_compiled_step(first_order, msl):
     config = dict(family="maml", net="mlp", hidden=(6, 5), image_shape=(4,), n_way=3, k_shot=2,
@@ -253,6 +257,7 @@ def test_protonet_step_flops_match_the_compiled_convolutions():
         flops.protonet_step(config) + images * flops.network_layers(config)[0]
 
 
+@pytest.mark.slow
 def test_maml_bench_mirrored_strategy_reports_two_replicas():
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.maml_bench", "--preset=maml_sinusoid", "--data=sinusoid",
@@ -319,7 +324,9 @@ HELP_FLAGS = {
 HELP_IMPORTS_TENSORFLOW = {"tf_reference"}
 
 
-@pytest.mark.parametrize("module", sorted(console_scripts().values()))
+@pytest.mark.parametrize("module", [
+    pytest.param(m, marks=pytest.mark.slow) if m in HELP_IMPORTS_TENSORFLOW else m
+    for m in sorted(console_scripts().values())])
 def test_help_lists_the_flags_without_importing_tensorflow(module):
     done = run_importtime(f"benchmarks.{module}", "--help")
     for flag in HELP_FLAGS.get(module, []):
@@ -334,6 +341,7 @@ def test_a_mistyped_flag_is_named_without_importing_tensorflow():
     assert not imports_tensorflow(done)
 
 
+@pytest.mark.slow
 def test_start_tensorflow_leaves_out_the_start_up_lines_unless_asked():
     code = "import benchmarks; benchmarks.start_tensorflow()"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -398,7 +406,7 @@ def test_checkpoint_saves_log_tensorflow_info_only_at_debug_verbosity(tmp_path, 
         logging.set_verbosity(verbosity)
 
 
-def fm_train_error(tmp_path, *args, python_code=None):
+def fm_train_error(*args, python_code=None):
     """An fm-train run that must fail at once: its stderr (run with ``-X importtime``)."""
     command = ["-c", python_code, *args] if python_code else ["-m", "benchmarks.train", *args]
     done = subprocess.run([sys.executable, "-X", "importtime", *command], cwd=ROOT,
@@ -409,16 +417,19 @@ def fm_train_error(tmp_path, *args, python_code=None):
     return done.stderr
 
 
-@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file", "read_only"])
 def test_an_unwritable_out_dir_is_an_error_before_any_work(tmp_path, where):
-    # Runs as root too (where a read-only folder stops nothing): no folder can exist under a
-    # regular file, nor where a file is.
+    # A folder cannot exist under a regular file nor where a file is, even for root (whom a
+    # read-only folder does not stop).
     (tmp_path / "file.txt").write_text("not a folder")
-    out_dir = tmp_path / "file.txt" / ("sub" if where == "under_a_file" else "")
-    stderr = fm_train_error(tmp_path, "--algorithm=maml", "--data=sinusoid",
-                            f"--out_dir={str(out_dir).rstrip('/')}")
-    assert f"--out_dir={str(out_dir).rstrip('/')} is not a folder this process can write to" \
-        in stderr
+    out_dir = {"under_a_file": tmp_path / "file.txt" / "sub", "is_a_file": tmp_path / "file.txt",
+               "read_only": tmp_path / "read_only"}[where]
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        out_dir.mkdir(mode=0o500)
+    stderr = fm_train_error("--algorithm=maml", "--data=sinusoid", f"--out_dir={out_dir}")
+    assert f"--out_dir={out_dir} is not a folder this process can write to" in stderr
 
 
 # Runs fm-train in a Python where importing matplotlib fails, as where it is not installed.
@@ -437,7 +448,7 @@ runpy.run_module("benchmarks.train", run_name="__main__", alter_sys=True)
 
 
 def test_plots_without_matplotlib_is_an_error_at_the_start(tmp_path):
-    stderr = fm_train_error(tmp_path, "--algorithm=maml", "--data=sinusoid", "--plots",
+    stderr = fm_train_error("--algorithm=maml", "--data=sinusoid", "--plots",
                             f"--out_dir={tmp_path / 'run'}", python_code=WITHOUT_MATPLOTLIB)
     assert "--plots needs matplotlib" in stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -141,15 +141,18 @@ def _assert_states_close(got, want, what):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{what}, entry {i}")
 
 
+@pytest.mark.slow
 def test_mirrored_runs_two_replicas(mirrored):
     assert mirrored["num_replicas"] == 2
 
 
+@pytest.mark.slow
 def test_mirrored_maml_meta_gradient_equals_single_device(mirrored, reference):
     np.testing.assert_allclose(mirrored["maml_loss"], reference["maml_loss"], rtol=1e-6)
     _assert_states_close(_state(mirrored, "maml_grad_"), reference["maml_grads"], "meta-gradient")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["maml", "protonet", "linear"])
 def test_mirrored_three_steps_equal_single_device(mirrored, reference, name):
     """``linear`` runs with ``jit_compile=True``: XLA gradient and update around the all-reduce."""
@@ -160,11 +163,13 @@ def test_mirrored_three_steps_equal_single_device(mirrored, reference, name):
         np.testing.assert_array_equal(a, b, err_msg=f"{name}: replicas differ at entry {i}")
 
 
+@pytest.mark.slow
 def test_mirrored_resume_from_checkpoint(mirrored, reference):
     _assert_states_close(_state(mirrored, "maml_resumed_"), reference["maml"],
                          "two steps, checkpoint, restore, one step")
 
 
+@pytest.mark.slow
 def test_multiworker_two_processes_equal_single_process(launched, reference):
     chief, worker = _results(launched, "worker0", "worker1")
     assert chief["num_replicas"] == worker["num_replicas"] == 2
@@ -179,6 +184,7 @@ def test_multiworker_two_processes_equal_single_process(launched, reference):
         _assert_states_close(_state(r, "resumed_"), reference["maml"], "resumed vs one process")
 
 
+@pytest.mark.slow
 def test_meta_batch_not_dividing_replicas_is_a_clear_error(mirrored):
     message = str(mirrored["odd_error"])
     assert "meta_batch=3" in message and "2 replicas" in message, message

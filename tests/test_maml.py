@@ -77,7 +77,8 @@ NETS = {
 }
 
 
-@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("net", [pytest.param(n, marks=pytest.mark.slow) if n == "conv4" else n
+                                 for n in sorted(NETS)])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("traced", [False, True])
 def test_second_order_meta_gradient_matches_finite_differences(net, steps, traced):
@@ -113,6 +114,7 @@ def test_first_order_meta_gradient_matches_its_definition(net, steps):
     directional_check(query_loss_at_adapted_plus, grads, weights, rng)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_order", [False, True])
 def test_products_with_shared_first_step_weights_change_no_digit(monkeypatch, first_order):
     # In a graph, the first inner step's products with a broadcast of the shared weights run as one
@@ -175,6 +177,7 @@ def small_tasks(seed=0, t=4, dtype=tf.float32):
                  for a in image_tasks(np.random.default_rng(seed), t=t, shape=(10, 10, 1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [tf.float32, F64])
 def test_xla_and_plain_meta_gradients_agree(dtype):
     """In float64 the compiled meta-gradient equals the eager one to rounding: this checks the
@@ -195,6 +198,7 @@ def test_xla_and_plain_meta_gradients_agree(dtype):
                                    atol=1e-13 if exact else 2e-5)
 
 
+@pytest.mark.slow
 def test_recompute_gives_the_same_meta_gradient():
     init, apply = NETS["mlp"]()
     weights, tasks = init(0, F64), image_tasks(np.random.default_rng(3))
@@ -206,6 +210,7 @@ def test_recompute_gives_the_same_meta_gradient():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_and_learns():
     init, apply = small_classifier()
     step = maml.make_train_step(apply, inner_steps=1, outer_lr=3e-3)
@@ -219,7 +224,8 @@ def test_train_step_compiles_once_and_learns():
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
 
 
-@pytest.mark.parametrize("net, jit", [("mlp", False), ("conv4", True)])
+@pytest.mark.parametrize("net, jit", [("mlp", False),
+                                      pytest.param("conv4", True, marks=pytest.mark.slow)])
 def test_task_chunks_give_the_same_step(net, jit):
     # Float64, so that the chunked sum of gradients must equal the whole batch's to rounding; the
     # compiled conv4 case runs the chunk loop under XLA with per-task batch norm.
@@ -245,6 +251,7 @@ def test_task_chunks_give_the_same_step(net, jit):
         maml.make_train_step(apply, inner_steps=1, task_chunk=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["metasgd", "lslr"])
 def test_learned_inner_learning_rates_receive_gradients(mode):
     init, apply = small_classifier()

@@ -77,6 +77,7 @@ def _monte_carlo_meta_gradients(estimator, batches=30, tasks=2000):
                      for i in range(batches)])
 
 
+@pytest.mark.slow
 def test_meta_gradient_matches_closed_form_and_needs_the_sampling_term():
     """The DiCE-style estimator's Monte-Carlo mean is within 3 standard errors of the analytic
     meta-gradient (``_analytic_meta_gradient``); without the term for the pre-adaptation sampling

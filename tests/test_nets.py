@@ -238,6 +238,7 @@ def tiny_conv4_meta_batch(channels):
     return init, apply, tasks
 
 
+@pytest.mark.slow
 def test_kernel_gradient_barriers_are_put_in_under_xla_only():
     """nets._kernel_gradient separates the wide product from its transpose by XLA's optimisation
     barrier when the trace is for XLA, also inside the training step's loop over chunks of tasks,
@@ -260,6 +261,7 @@ def test_kernel_gradient_barriers_are_put_in_under_xla_only():
     assert "XlaOptimizationBarrier" not in set.union(*op_types(False))
 
 
+@pytest.mark.slow
 def test_second_order_patches_compile_to_the_intended_kernels():
     """The patch tensors' second derivatives stay free of XLA in-place updates (dynamic-update-
     slice): concatenated patches made a chain of them per block, one per shifted view, and slowed

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from functional_meta import nets, second_order
@@ -61,6 +62,7 @@ def test_zero_hessian_gives_zero_correction_and_cosine_one():
     np.testing.assert_allclose([float(c) for c in out["cosine"]], 1.0, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_study_binary_logs_the_split(tmp_path):
     import json
     import subprocess

@@ -57,6 +57,7 @@ def run_binary(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["xla", "eager"])
 def test_binary_reports_a_json_line(mode):
     result = run_binary("--meta_batch=2", "--steps=2", f"--mode={mode}", "--json")
@@ -68,6 +69,7 @@ def test_binary_reports_a_json_line(mode):
     assert "throughput" in result.stdout
 
 
+@pytest.mark.slow
 def test_binary_interleaves_the_library_step():
     result = run_binary("--meta_batch=2", "--steps=1", "--interleaved", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -80,6 +82,7 @@ def test_binary_interleaves_the_library_step():
     assert "speedup" in result.stdout and "functional_meta's step" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--interleaved", "--mode=eager"], "--interleaved"),
     (["--interleaved", "--profile_dir=/tmp/unused"], "--interleaved"),

@@ -82,6 +82,7 @@ def run_binary(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_binary_reports_a_json_line():
     result = run_binary("--preset=maml_omniglot_5way", "--meta_batch=2", "--steps=2", "--json")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -275,6 +275,7 @@ def _tiny_maml(tmp_path, **options):
 
 # The second case resumes at step 3 right after the outer rate has halved (updates 3 and 4 use
 # half the rate, 5 and 6 a quarter) and with shifted, rotated and scaled training images.
+@pytest.mark.slow
 @pytest.mark.parametrize('options', [{}, dict(lr_decay_every=2, lr_decay=0.5, augment_shift=1,
                                               augment_rotate=10.0, augment_scale=0.1)])
 def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options, op_determinism):
