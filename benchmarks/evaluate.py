@@ -67,7 +67,7 @@ flags.DEFINE_string("episodes", None, "Score these fixed episodes (a folder or z
                     "runNN/class_labels.txt, as all_runs.zip) or episode folders "
                     "EPISODE/{support,query}/CLASS/*.png. Images are preprocessed as the "
                     "checkpoint's training data (its config.json); without --checkpoint as "
-                    "--data's at 28x28x1.")
+                    "--data's at 28x28x1. The files fix the ways, shots and queries.")
 flags.DEFINE_string("save_episodes", None, "Also write the episodes sampled here to this folder "
                     "as EPISODE/{support,query}/CLASS/*.png (and episodes.json with the settings), "
                     "for --episodes.")
