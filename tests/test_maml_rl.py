@@ -372,3 +372,25 @@ def test_leave_one_out_baseline_never_uses_the_tasks_own_value():
     wide = maml_rl.leave_one_out_baseline(tf.constant(rng.normal(size=(4, 9))),
                                           tf.constant(values[:4])).numpy()
     np.testing.assert_allclose(wide, [(values[:4].sum() - v) / 3 for v in values[:4]], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bandit", "tabular_mdp"])
+def test_discrete_families_train_with_the_softmax_policy(name):
+    """One compiled TRPO meta-step on each simulator-free family: finite metrics, a KL within the
+    bound, and weights that moved; the categorical log-probabilities sum to one over actions."""
+    env = envs.make(name)
+    policy = maml_rl.default_policy(env, hidden=(8,))
+    settings = maml_rl.Settings(trajectories=4, estimator="exact")
+    step = maml_rl.make_train_step(env, policy, settings, outer="trpo", max_kl=0.01)
+    state = maml_rl.init_state(policy, 0)
+    tasks, seed = envs.task_batch(env, 6, seed=0, index=0)
+    new, metrics = step(state, (tf.constant(tasks), tf.constant(seed)))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["kl"]) <= 0.01 * 1.001
+    moved = sum(float(tf.reduce_sum(tf.abs(a - b))) for a, b in zip(new["weights"],
+                                                                     state["weights"]))
+    assert moved > 0 or float(metrics["step_fraction"]) == 0.0
+    obs = tf.random.stateless_uniform([2, 3, env.observation_dim], [1, 1])
+    log_p = policy.distribution(state["weights"], obs)
+    np.testing.assert_allclose(tf.reduce_sum(tf.exp(log_p), -1).numpy(), 1.0, rtol=1e-5)
