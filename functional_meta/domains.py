@@ -337,3 +337,55 @@ def labelled(data):
     x = np.concatenate(data.images).astype(np.float32) / 255.0
     y = np.repeat(np.arange(len(data), dtype=np.int32), [len(i) for i in data.images])
     return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (matplotlib, imported only here: ``functional_meta.plots``)
+
+
+def plot_examples(data, names, path, per_domain=8, seed=0, domain_seed=0):
+    """A grid of example images, one row per domain of ``names``, the same images of
+    ``per_domain`` classes (chosen with ``seed``) in every row; writes a PNG to ``path``."""
+    from functional_meta import plots
+    names = parse_list(names)
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(len(data), min(per_domain, len(data)), replace=False)
+    picked = data_lib.subset(data, classes)
+    plt = plots._pyplot()
+    fig, axes = plt.subplots(len(names), len(classes), squeeze=False,
+                             figsize=(0.9 * len(classes) + 1.2, 0.9 * len(names)))
+    for row, name in zip(axes, names):
+        styled = apply(picked, name, domain_seed)
+        for ax, images in zip(row, styled.images):
+            ax.imshow(images[0, :, :, 0] if images.shape[-1] == 1 else images[0],
+                      cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    return plots._save(fig, path)
+
+
+def plot_accuracy(rows, path, title=None):
+    """Grouped bars: accuracy per target domain (x) per method (colour), with 95% intervals.
+    ``rows``: dicts with ``target``, ``method``, ``accuracy``, ``accuracy_ci95`` (fractions)."""
+    from functional_meta import plots
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(targets) * max(1, len(methods)) / 3, 3.6))
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        found = {r["target"]: r for r in rows if r["method"] == method}
+        xs = [t + (m - (len(methods) - 1) / 2) * width for t, name in enumerate(targets)
+              if name in found]
+        values = [100 * float(found[n]["accuracy"]) for n in targets if n in found]
+        errors = [100 * float(found[n]["accuracy_ci95"]) for n in targets if n in found]
+        ax.bar(xs, values, width, yerr=errors, capsize=2, label=method)
+    ax.set_xticks(range(len(targets)))
+    ax.set_xticklabels(targets)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel("target domain")
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return plots._save(fig, path)
