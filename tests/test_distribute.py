@@ -227,6 +227,7 @@ def test_wrong_task_count_is_a_clear_error():
     assert step.tracing_count() == 0
 
 
+@pytest.mark.slow                 # its reference fixture launches the distributed runs
 @pytest.mark.parametrize("name, chunk", [("linear", None), ("maml", 1)])
 def test_default_strategy_step_equals_single_device(reference, name, chunk):
     """``--strategy=none``: one replica, the same computation as ``maml.make_train_step``; with a
