@@ -67,7 +67,8 @@ def _number(value):
 
 
 def parse(name):
-    """The styles of a domain name, a tuple of ``Style``; ``ValueError`` naming the allowed forms."""
+    """The styles of a domain name, a tuple of ``Style``; a ``ValueError`` names the allowed
+    forms."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a domain name must be a non-empty string, got {name!r}; allowed "
                          f"forms: {FORMS}")
@@ -225,7 +226,8 @@ def apply(data, name, seed=0):
     name = canonical(name)
     if name == "clean":
         return data
-    images = [transform(x, name, _class_rng(name, c, seed)) for x, c in zip(data.images, data.names)]
+    images = [transform(x, name, _class_rng(name, c, seed))
+              for x, c in zip(data.images, data.names)]
     return data_lib.ClassData(images, list(data.names), list(data.groups))
 
 
@@ -262,11 +264,11 @@ class DomainEpisodeSampler(episodes._IndexedSampler):
 
     def __init__(self, data, domains, n_way, k_shot, q_query, meta_batch=1, seed=0, domain_seed=0,
                  **augment):
+        episodes._check_positive(meta_batch=meta_batch)
         self.domains = parse_list(domains)
         self._samplers = [episodes.EpisodeSampler(apply(data, d, domain_seed), n_way, k_shot,
                                                   q_query, meta_batch=1, seed=seed, **augment)
                           for d in self.domains]
-        episodes._check_positive(meta_batch=meta_batch)
         first = self._samplers[0]
         self.n_way, self.k_shot, self.q_query = first.n_way, first.k_shot, first.q_query
         self.image_shape, self.meta_batch, self.seed = first.image_shape, meta_batch, first.seed

@@ -43,7 +43,8 @@ def pooled(x, y):
 
 
 def erm_loss(apply_fn, weights, batch, loss="cross_entropy"):
-    """Mean loss over every domain's minibatch: ``(loss, outputs [1, D*n, ...], labels [1, D*n])``."""
+    """Mean loss over every domain's minibatch: ``(loss, outputs [1, D*n, ...], labels
+    [1, D*n])``."""
     x, y = pooled(*batch)
     outputs = apply_fn(weights, x)
     return tf.reduce_mean(maml.loss_function(loss)(outputs, y)), outputs, y

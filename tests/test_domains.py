@@ -255,7 +255,6 @@ def eval_lines(capsys):
             if line.startswith("{")]
 
 
-@pytest.mark.slow
 def test_fm_train_domains_and_fm_eval_test_domain_for_protonet(tmp_path, capsys):
     from benchmarks import evaluate as eval_bin
     from benchmarks import train as train_bin
@@ -277,7 +276,6 @@ def test_fm_train_domains_and_fm_eval_test_domain_for_protonet(tmp_path, capsys)
         run_binary(eval_bin, common + ["--test_domain=blur"])
 
 
-@pytest.mark.slow
 def test_fm_train_mldg_and_erm_on_generated_digits_and_fm_eval_test_domain(tmp_path, capsys):
     """The Rotated-MNIST path (--data=mnist, a Keras-layout .npz) on generated digits: ten
     classes of 24 images, three training rotations, the held-out share scored at 45 degrees."""

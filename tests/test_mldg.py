@@ -9,7 +9,7 @@ from functional_meta import data, domains, mldg, nets, optim
 
 
 def linear(weights, x):
-    """``x [T, n, d] @ w [d, 1]`` (or per-task ``w [T, d, 1]``): a linear model for the closed form."""
+    """``x [T, n, d] @ w [d, 1]`` (or per-task ``w [T, d, 1]``): the closed form's linear model."""
     return tf.matmul(x, weights[0])
 
 
