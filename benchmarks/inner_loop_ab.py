@@ -6,6 +6,11 @@ and 'looped'), times each first call (trace + compile + run), then interleaves t
 count and appends them to --output (CSV). Example:
 
   python -m benchmarks.inner_loop_ab --preset=maml_omniglot_5way --inner_steps=2,3,5 --steps=12
+
+With --runs (MODE:STEPS items) it instead interleaves all of those steps in one process, one call
+at a time, and reports each against the first (the cost per inner step):
+
+  python -m benchmarks.inner_loop_ab --runs=unrolled:1,looped:10,looped:40 --steps=4 --warmup=1
 """
 
 import csv
@@ -22,6 +27,8 @@ flags.DEFINE_list("modes", ["unrolled", "looped"], "inner_loop values to compare
 flags.DEFINE_integer("steps", 12, "Timed calls of each step.", lower_bound=1)
 flags.DEFINE_integer("warmup", 2, "Untimed calls (the first included) of each step.",
                      lower_bound=1)
+flags.DEFINE_list("runs", [], "MODE:STEPS items (e.g. unrolled:1,looped:40) to time against "
+                  "each other in one process instead of the --inner_steps pairs.")
 flags.DEFINE_string("output", None, "Append the rows to this CSV file.")
 
 
@@ -33,18 +40,37 @@ def main(argv):
     from benchmarks import runner
     from functional_meta import maml, presets, training
 
-    rows = []
-    for inner_steps in [int(k) for k in FLAGS.inner_steps]:
+    def build(mode, inner_steps):
         config = presets.get(FLAGS.preset, inner_steps=inner_steps)
         init, apply = presets.network(config)
-        batch = runner.synthetic_batch(config, 0)
+        step = maml.make_train_step(apply, inner_steps=inner_steps, outer_lr=config["outer_lr"],
+                                    loss=config["loss"],
+                                    task_chunk=training.default_task_chunk(config),
+                                    inner_loop=mode)
+        state = maml.init_state(init(0), config["inner_lr"])
+        return (step, state), runner.synthetic_batch(config, 0)
+
+    if FLAGS.runs:
+        runs, batch = {}, None
+        for item in FLAGS.runs:
+            mode, steps = item.split(":")
+            runs[item], batch = build(mode, int(steps))
+        timing = runner.time_interleaved(runs, lambda: batch, FLAGS.steps, FLAGS.warmup,
+                                         per_round=1)
+        base = timing[FLAGS.runs[0]]["step_s"]["median"]
+        for item, t in timing.items():
+            steps = int(item.split(":")[1])
+            ratio = t["step_s"]["median"] / base
+            print(f"{item:14s} first call {t['first_call_s']:7.2f} s  step "
+                  f"{t['step_s']['median'] * 1e3:9.1f} ms (min {t['step_s']['min'] * 1e3:.1f})  "
+                  f"x{ratio:.2f} the first, x{ratio / steps:.2f} per inner step", flush=True)
+        return
+
+    rows = []
+    for inner_steps in [int(k) for k in FLAGS.inner_steps]:
         runs = {}
         for mode in FLAGS.modes:
-            step = maml.make_train_step(apply, inner_steps=inner_steps,
-                                        outer_lr=config["outer_lr"], loss=config["loss"],
-                                        task_chunk=training.default_task_chunk(config),
-                                        inner_loop=mode)
-            runs[mode] = (step, maml.init_state(init(0), config["inner_lr"]))
+            runs[mode], batch = build(mode, inner_steps)
         timing = runner.time_interleaved(runs, lambda: batch, FLAGS.steps, FLAGS.warmup)
         for mode in FLAGS.modes:
             t = timing[mode]

@@ -38,9 +38,9 @@ flags.DEFINE_integer("train_steps", 200, "Meta-training steps.", lower_bound=1)
 flags.DEFINE_integer("log_every", 20, "Measure the second-order term every this many steps.",
                      lower_bound=1)
 flags.DEFINE_string("output", None, "Append one JSON line per measurement to this file.")
-flags.DEFINE_enum("study", "second_order", ["second_order", "imaml"], "second_order: MAML's exact "
-                  "meta-gradient against its first-order part; imaml: implicit MAML's meta-gradient "
-                  "against the exact unrolled one.")
+flags.DEFINE_enum("study", "second_order", ["second_order", "imaml"], "second_order: MAML's "
+                  "exact meta-gradient against its first-order part; imaml: implicit MAML's "
+                  "meta-gradient against the exact unrolled one.")
 flags.DEFINE_float("proximal_lambda", 2.0, "--study=imaml: the proximal regularisation lambda of "
                    "the inner problem L(w) + lambda/2 |w - theta|^2.", lower_bound=0.0)
 flags.DEFINE_integer("cg_steps", 5, "--study=imaml: conjugate-gradient iterations of the implicit "

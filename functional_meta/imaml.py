@@ -27,7 +27,8 @@ def check_options(inner_steps, lam, cg_steps):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
-        raise ValueError(f"lam (the proximal regularisation) must be a positive number, got {lam!r}")
+        raise ValueError(f"lam (the proximal regularisation) must be a positive number, "
+                         f"got {lam!r}")
 
 
 def proximal_adapt(apply_fn, weights, x, y, *, inner_lr, inner_steps, lam,

@@ -84,7 +84,6 @@ def test_looped_first_order_equals_unrolled():
     assert_same(got, want)
 
 
-@pytest.mark.slow
 def test_compiled_looped_meta_gradient_matches_finite_differences():
     init, apply = NETS["conv4"]()
     weights, tasks = init(0, F64), image_tasks(np.random.default_rng(9))
@@ -95,7 +94,6 @@ def test_compiled_looped_meta_gradient_matches_finite_differences():
                       np.random.default_rng(0))
 
 
-@pytest.mark.slow
 def test_looped_adapt_and_eval_step_equal_unrolled():
     init, apply = NETS["conv4"]()
     weights, tasks = init(2, F64), image_tasks(np.random.default_rng(10))
@@ -127,7 +125,6 @@ def hlo_instructions(inner_steps, inner_loop):
     return len(re.findall(r"^\s+(?:ROOT )?%?[\w.-]+ = ", hlo, flags=re.M))
 
 
-@pytest.mark.slow
 def test_compiled_graph_does_not_grow_with_inner_steps():
     looped = [hlo_instructions(steps, "looped") for steps in (2, 20)]
     assert looped[0] == looped[1], looped
