@@ -387,7 +387,7 @@ def plot_accuracy(rows, path, title=None):
     ax.set_xticklabels(targets)
     ax.set_ylabel("accuracy (%)")
     ax.set_xlabel("target domain")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         ax.set_title(title)
     return plots._save(fig, path)

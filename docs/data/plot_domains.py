@@ -3,7 +3,7 @@
     pip install -e '.[plot]' && python docs/data/plot_domains.py [OMNIGLOT_ZIP]
 
 Writes domains_accuracy_5way.png and domains_accuracy_20way.png (accuracy per target domain per
-training regime, 95% intervals) and, given the small2 zip, domains_examples.png (the same
+training regime and seed, 95% intervals) and, given the small2 zip, domains_examples.png (the same
 held-out characters in every domain of the experiment).
 """
 
@@ -23,7 +23,8 @@ def main(argv):
     with open(os.path.join(HERE, "domains_omniglot.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     for way in sorted({r["n_way"] for r in rows}, key=int):
-        mine = [dict(r, method=r["training"]) for r in rows if r["n_way"] == way]
+        mine = [dict(r, method=f"{r['training']}, seed {r['seed']}") for r in rows
+                if r["n_way"] == way]
         print(domains.plot_accuracy(mine, os.path.join(HERE, f"domains_accuracy_{way}way.png"),
                                     title=f"ProtoNet, held-out alphabets, {way}-way 1-shot"))
     if len(argv) > 1:
