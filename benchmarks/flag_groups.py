@@ -132,8 +132,15 @@ def define_maml_flags(flag_values=FLAGS):
                       "every inner step with uniform weights 1/inner_steps (MAML++'s weights at "
                       "the start of training; any all-nonzero weights cost the same).",
                       flag_values=fv)
-    flags.DEFINE_bool("recompute", False, "Recompute the inner steps' activations in the "
-                      "backward pass instead of storing them.", flag_values=fv)
+    flags.DEFINE_enum("inner_loop", "auto", ["auto", "unrolled", "looped"], "How the inner "
+                      "steps are compiled: unrolled (each step traced; TensorFlow differentiates "
+                      "the unrolled graph), looped (one loop whose backward pass is a loop of "
+                      "Hessian-vector products over the stored per-step weights: compile time and "
+                      "memory flat in the steps, the same exact second-order meta-gradient), or "
+                      "auto (looped from 3 inner steps on).", flag_values=fv)
+    flags.DEFINE_bool("recompute", False, "Unrolled inner loops: recompute the inner steps' "
+                      "activations in the backward pass instead of storing them (a looped inner "
+                      "loop stores only the per-step weights already).", flag_values=fv)
     flags.DEFINE_integer("task_chunk", None, "Compute the meta-gradient for this many tasks at a "
                          "time, in a loop inside the compiled step that sums them (same result, "
                          "less memory). Must divide the meta-batch (per replica with --strategy). "
@@ -157,6 +164,7 @@ def maml_options(config, replicas=1, flag_values=FLAGS):
                              f"({per_replica} tasks per replica)")
     return dict(inner_steps=steps, outer_lr=config["outer_lr"], first_order=fv.first_order,
                 loss=config["loss"], recompute=fv.recompute, task_chunk=chunk,
+                inner_loop=fv.inner_loop,
                 step_weights=[1.0 / steps] * steps if fv.msl else None)
 
 
