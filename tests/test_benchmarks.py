@@ -164,6 +164,14 @@ def test_flags_override_the_preset_and_unset_flags_keep_it():
     assert {k: config[k] for k in expected} == expected
 
 
+@pytest.mark.parametrize("args, expected", [([], "auto"), (["--inner_loop=looped"], "looped"),
+                                              (["--inner_loop=unrolled"], "unrolled")])
+def test_inner_loop_flag_reaches_the_step_options(args, expected):
+    fv = flag_groups.parse_flags("maml", ["--inner_steps=3", *args])
+    config = flag_groups.config_from_flags("maml", fv)
+    assert flag_groups.maml_options(config, flag_values=fv)["inner_loop"] == expected
+
+
 def test_console_scripts_point_at_run():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     for name, module in (("fm-maml-bench", "maml_bench"), ("fm-protonet-bench", "protonet_bench"),
