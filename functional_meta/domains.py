@@ -252,7 +252,7 @@ def partition(data, parts, seed=0):
 # Samplers
 
 
-class DomainEpisodeSampler(episodes._IndexedSampler):
+class DomainEpisodeSampler(episodes.IndexedSampler):
     """``EpisodeSampler``'s batches where every episode lies within one domain.
 
     Episode ``j`` of batch ``i`` takes its domain uniformly at random (from the generator
@@ -290,7 +290,7 @@ class DomainEpisodeSampler(episodes._IndexedSampler):
                      for s in self._samplers[0].signature())
 
 
-class DomainBatchSampler(episodes._IndexedSampler):
+class DomainBatchSampler(episodes.IndexedSampler):
     """Supervised minibatches over a fixed label set, one per training domain: batch ``i`` is
     ``(x [D, n, H, W, C] float32 in [0, 1], y [D, n] int32)`` with ``n = batch_size`` images drawn
     at random from each domain's ``ClassData`` (label = class index; every domain must have the
@@ -299,7 +299,7 @@ class DomainBatchSampler(episodes._IndexedSampler):
 
     def __init__(self, datasets, batch_size, seed=0):
         episodes._check_positive(batch_size=batch_size)
-        episodes._check_seed(seed)
+        episodes.check_seed(seed)
         if not datasets:
             raise ValueError("DomainBatchSampler needs at least one domain's data")
         names = [list(d.names) for d in datasets]

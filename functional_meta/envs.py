@@ -41,6 +41,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from functional_meta import episodes
+
 
 class Env(NamedTuple):
     """A task family; see the module docstring for the functions' contracts."""
@@ -202,32 +204,19 @@ def task_batch(env, meta_batch, seed, index):
     return tasks, rng.integers(0, 2 ** 31 - 1, size=2).astype(np.int32)
 
 
-class TaskSampler:
+class TaskSampler(episodes.IndexedSampler):
     """``EpisodeSampler``'s interface for RL tasks: batch ``i`` is ``task_batch(env, meta_batch,
     seed, i)``; the state is the seed and the index of the next batch (``training.train`` and
     ``episodes.dataset`` use it as they use the episode samplers)."""
 
     def __init__(self, env, meta_batch, seed=0):
         _check_positive(meta_batch=meta_batch)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        episodes.check_seed(seed)
         self.env, self.meta_batch, self.seed = env, int(meta_batch), int(seed)
         self._next = 0
 
     def batch(self, index):
         return task_batch(self.env, self.meta_batch, self.seed, index)
-
-    def sample(self):
-        self._next += 1
-        return self.batch(self._next - 1)
-
-    def get_state(self):
-        return {"seed": self.seed, "next_batch": self._next}
-
-    def set_state(self, state):
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"state has seed={state['seed']} but the sampler has seed={self.seed}")
-        self._next = int(state["next_batch"])
 
     def signature(self):
         return (tf.TensorSpec((self.meta_batch, self.env.task_dim), tf.float32),

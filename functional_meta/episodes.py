@@ -17,12 +17,12 @@ def _check_positive(**values):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_seed(seed):
+def check_seed(seed):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-class _IndexedSampler:
+class IndexedSampler:
     """Batch ``i`` is ``self.batch(i)``, a pure function of ``(seed, i)``; the state is the seed and
     the index of the next batch."""
 
@@ -41,7 +41,7 @@ class _IndexedSampler:
         self._next = int(state['next_batch'])
 
 
-class EpisodeSampler(_IndexedSampler):
+class EpisodeSampler(IndexedSampler):
     """Meta-batches of ``n_way``-way ``k_shot``-shot classification episodes from a ``ClassData``.
 
     Per episode: ``n_way`` distinct classes with labels 0..n_way-1 assigned at random; from each
@@ -63,7 +63,7 @@ class EpisodeSampler(_IndexedSampler):
     def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0, augment_shift=0,
                  augment_rotate=0.0, augment_scale=0.0):
         _check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
-        _check_seed(seed)
+        check_seed(seed)
         if isinstance(augment_shift, bool) or not isinstance(augment_shift, (int, np.integer)) \
                 or augment_shift < 0:
             raise ValueError(f"augment_shift must be a non-negative integer, got {augment_shift!r}")
@@ -225,14 +225,14 @@ def sinusoid_batch(meta_batch, k_support, k_query, seed, index):
                                          np.random.default_rng([seed, int(index)]))[:4])
 
 
-class SinusoidSampler(_IndexedSampler):
+class SinusoidSampler(IndexedSampler):
     """The sinusoid regression tasks with ``EpisodeSampler``'s interface, so ``dataset`` and the
     training loop treat both alike: batches ``support_x [B, K, 1], support_y, query_x [B, Q, 1],
     query_y`` (float32)."""
 
     def __init__(self, meta_batch, k_support, k_query, seed=0):
         _check_positive(meta_batch=meta_batch, k_support=k_support, k_query=k_query)
-        _check_seed(seed)
+        check_seed(seed)
         self.meta_batch, self.k_support, self.k_query = meta_batch, k_support, k_query
         self.seed = int(seed)
         self._next = 0

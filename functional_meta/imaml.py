@@ -152,13 +152,7 @@ def make_train_step(apply_fn, *, jit_compile=True, **options):
     """The whole iMAML training step as one compiled function: ``step(state, tasks) -> (state,
     metrics)``; ``options`` are those of ``train_step_parts``."""
     _, gradient, update = train_step_parts(apply_fn, **options)
-
-    @tf.function(jit_compile=jit_compile, autograph=False)
-    def step(state, tasks):
-        grads, metrics = gradient(state, tasks)
-        return update(state, grads), metrics
-
-    return step
+    return maml.compile_step(gradient, update, jit_compile)
 
 
 def make_eval_step(apply_fn, *, inner_steps, lam, loss="cross_entropy", jit_compile=True):

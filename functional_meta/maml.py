@@ -450,6 +450,12 @@ def make_train_step(apply_fn, *, jit_compile=True, **options):
     ``tf.cond``/``tf.while_loop`` for any control flow that depends on tensor values.
     """
     _, gradient, update = train_step_parts(apply_fn, **options)
+    return compile_step(gradient, update, jit_compile)
+
+
+def compile_step(gradient, update, jit_compile=True):
+    """``step(state, tasks) -> (state, metrics)``: a step's ``gradient(state, tasks) -> (grads,
+    metrics)`` and ``update(state, grads) -> state`` as one ``tf.function`` (AutoGraph off)."""
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def step(state, tasks):

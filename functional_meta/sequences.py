@@ -18,7 +18,7 @@ from functional_meta import episodes
 REPORTED_INSTANCES = (1, 2, 3, 4, 5, 10)
 
 
-class SequenceSampler(episodes._IndexedSampler):
+class SequenceSampler(episodes.IndexedSampler):
     """Meta-batches of label-offset sequences from a ``ClassData``.
 
     ``batch(i)`` -> ``(images [B, T, H, W, C] float32 in [0, 1], previous_labels [B, T] int32,
@@ -32,7 +32,7 @@ class SequenceSampler(episodes._IndexedSampler):
                  augment_rotate=0.0, augment_scale=0.0):
         episodes._check_positive(n_classes=n_classes, n_instances=n_instances,
                                  meta_batch=meta_batch)
-        episodes._check_seed(seed)
+        episodes.check_seed(seed)
         episodes.check_warp(augment_rotate, augment_scale)
         if isinstance(augment_shift, bool) or not isinstance(augment_shift, (int, np.integer)) \
                 or augment_shift < 0:
