@@ -71,10 +71,6 @@ flags.DEFINE_string("episodes", None, "Score these fixed episodes (a folder or z
 flags.DEFINE_string("save_episodes", None, "Also write the episodes sampled here to this folder "
                     "as EPISODE/{support,query}/CLASS/*.png (and episodes.json with the settings), "
                     "for --episodes.")
-flags.DEFINE_enum("bn", "transductive", ["transductive", "support"], "Batch-norm statistics of "
-                  "the queries: transductive (as in training: ProtoNet from support and queries "
-                  "together, MAML from the query set) or support (from the support set alone; "
-                  "each query is scored independently).")
 
 
 flags.DEFINE_string("plot_dir", None, "MAML-RL checkpoints: write returns.csv (the printed "
@@ -113,6 +109,11 @@ def _inner_steps(config):
         return [None]
     steps = FLAGS.inner_steps or config["test_inner_steps"]
     return sorted({1, steps}) if config["loss"] == "mse" else [steps]
+
+
+def _bn(config):
+    """--bn, else how the checkpoint was trained (``config['bn']``)."""
+    return FLAGS.bn or config.get("bn", "transductive")
 
 
 def _report(name, result, settings):
@@ -242,14 +243,14 @@ def main(argv):
             try:
                 evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
                                                     n_way=n_way, jit_compile=FLAGS.jit,
-                                                    bn=FLAGS.bn)
+                                                    bn=_bn(config))
             except ValueError as error:
                 raise app.UsageError(f"bad flags: {error}") from None
             result = training.evaluate(evaluator, state, sampler, num_episodes)
             name = f"{config['algorithm']} {found} (step {info['step']})"
             _report(name, result, dict(settings, method="model", algorithm=config["algorithm"],
                                        checkpoint=found, step=info["step"], inner_steps=steps,
-                                       bn=None if sequence else FLAGS.bn))
+                                       bn=None if sequence else _bn(config)))
             if sequence:
                 _report_instances(result)
                 curves[f"{config['algorithm']} (step {info['step']})"] = result
@@ -408,7 +409,7 @@ def _score_fixed(paths, stored):
             try:
                 evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
                                                     n_way=way, jit_compile=FLAGS.jit,
-                                                    bn=FLAGS.bn)
+                                                    bn=_bn(config))
             except ValueError as error:
                 raise app.UsageError(f"--episodes={FLAGS.episodes} holds {way}-way episodes: "
                                      f"{error}") from None
@@ -416,7 +417,7 @@ def _score_fixed(paths, stored):
             _report_fixed(f"{config['algorithm']} {found} (step {info['step']})", values, runs,
                           lake, dict(method="model", algorithm=config["algorithm"],
                                      checkpoint=found, step=info["step"], inner_steps=steps,
-                                     bn=FLAGS.bn))
+                                     bn=_bn(config)))
 
 
 def _report_fixed(name, values, runs, lake, settings):

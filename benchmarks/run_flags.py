@@ -7,7 +7,7 @@ import os
 
 from absl import flags
 
-from functional_meta import configs
+from functional_meta import choices, configs
 
 flags.DEFINE_enum("data", None, list(configs.DATA_SOURCES),
                   "Data source; default: the preset's (fm-eval: the checkpoint's). 'sinusoid' is "
@@ -24,6 +24,11 @@ flags.DEFINE_list("val_groups", None, "Groups for validation; default: --val_fra
 flags.DEFINE_list("test_groups", None, "Groups for meta-testing; default: all groups not used for "
                   "training or validation.")
 flags.DEFINE_list("exclude_groups", None, "Groups dropped before any split.")
+flags.DEFINE_enum("bn", None, list(choices.BN_MODES), "Batch-norm statistics of the queries: "
+                  "transductive (ProtoNet's from support and queries together, MAML's from the "
+                  "query set) or support (from the support set alone, so each query is scored "
+                  "independently). fm-train: ProtoNet only, in training and validation; default "
+                  "transductive. fm-eval: default as the checkpoint was trained.")
 flags.DEFINE_list("split", ["0.7", "0.1", "0.2"], "Train,val,test fractions of the groups, used "
                   "when neither --train_groups nor --test_groups is given.")
 flags.DEFINE_float("val_fraction", 0.1, "With group lists and no --val_groups: the fraction of "

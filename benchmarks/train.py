@@ -157,7 +157,8 @@ def config_from_flags():
                                      augment_rotate=FLAGS.augment_rotate,
                                      augment_scale=FLAGS.augment_scale,
                                      domains=FLAGS.domains, proximal_lambda=FLAGS.proximal_lambda,
-                                     cg_steps=FLAGS.cg_steps, **overrides)
+                                     cg_steps=FLAGS.cg_steps, bn=FLAGS.bn or "transductive",
+                                     **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:

@@ -11,5 +11,8 @@ at once instead of after TensorFlow's seconds of start-up.
 IMAGE_SOURCES = ("synthetic", "omniglot", "omniglot_tfds", "mnist", "mnist_tfds", "folder")
 # ``protonet``'s distances to the prototypes.
 METRICS = ("euclidean", "cosine")
+# Batch-norm statistics of conv4's queries: the whole episode's, or the support set's alone
+# (``nets.conv4``'s ``bn_rows``; strictly inductive scoring).
+BN_MODES = ("transductive", "support")
 # ``distribute.make_strategy``'s strategies.
 STRATEGIES = ("none", "mirrored", "multiworker")

@@ -34,7 +34,7 @@ RUN_FIELDS = ("steps",)
 # Config fields added after runs were first stored, with the value that earlier runs had: a
 # config.json without them reads as if it held these (``read_config``).
 LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "augment_rotate": 0.0,
-                  "augment_scale": 0.0, "domains": ["clean"]}
+                  "augment_scale": 0.0, "domains": ["clean"], "bn": "transductive"}
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 
 
@@ -146,7 +146,7 @@ def _check_positive_float(config, *names):
 def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
                 lr_decay_every=0, lr_decay=0.5, augment_shift=0, augment_rotate=0.0,
                 augment_scale=0.0, domains=None, proximal_lambda=None, cg_steps=None,
-                **overrides):
+                bn="transductive", **overrides):
     """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
     ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
     ``None`` overrides keep the preset's value.
@@ -167,6 +167,9 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     supervised classifier of ``n_way`` classes across ``domains`` (``functional_meta.mldg``).
     ``imaml``: implicit MAML (``functional_meta.imaml``) with ``proximal_lambda`` and ``cg_steps``
     (``IMAML_DEFAULTS`` when ``None``), fields of its configs only.
+
+    ``bn``: ``'transductive'`` (batch norm from the whole episode) or ``'support'`` (ProtoNet
+    only: from the support set alone, as ``fm-eval --bn=support`` scores).
 
     ``domains``: the training domains (``functional_meta.domains`` names, a list or a ','-joined
     string; default ``['clean']``), stored in canonical spelling. Episodic learners draw each
@@ -214,10 +217,15 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
         raise ValueError("proximal_lambda and cg_steps apply to algorithm='imaml' only")
     if metric not in choices.METRICS:
         raise ValueError(f"metric must be one of {list(choices.METRICS)}, got {metric!r}")
+    if bn not in choices.BN_MODES:
+        raise ValueError(f"bn must be one of {list(choices.BN_MODES)}, got {bn!r}")
+    if bn != "transductive" and algorithm != "protonet":
+        raise ValueError(f"bn={bn!r} trains ProtoNet only; {algorithm} trains with the batch's "
+                         "statistics (score it inductively with fm-eval --bn=support)")
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
                   first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
                   lr_decay=lr_decay, augment_shift=augment_shift, augment_rotate=augment_rotate,
-                  augment_scale=augment_scale)
+                  augment_scale=augment_scale, bn=bn)
     if data is not None:
         config["data"] = data
     config["domains"] = domain_names(["clean"] if domains is None else domains)

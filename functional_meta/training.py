@@ -240,7 +240,8 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
     if config["algorithm"] == "protonet":
         step = distribute.make_train_step(
             strategy, "protonet", apply, meta_batch=config["meta_batch"], jit_compile=jit_compile,
-            n_way=config["n_way"], lr=outer_lr, metric=config["metric"])
+            n_way=config["n_way"], lr=outer_lr, metric=config["metric"],
+            bn=config.get("bn", "transductive"))
         return Learner(config, lambda seed: protonet.init_state(init(seed)), step, apply)
 
     def init_state(seed):
@@ -396,8 +397,7 @@ def _pretrain_step(apply, outer_lr, jit_compile):
     return step
 
 
-def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None,
-                   bn="transductive"):
+def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None, bn=None):
     """``evaluator(state, batch) -> {'accuracy': [B]}`` (classification; MAML adds ``'loss'``) or
     ``{'mse': [B]}`` (regression), numpy, one value per episode.
 
@@ -405,8 +405,10 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
     set; their head fixes ``n_way`` to the training way. ProtoNet takes any ``n_way``. ``bn``:
     batch norm's statistics for the queries, ``'transductive'`` (the batch scored, as in training)
     or ``'support'`` (the support set's alone, so each query is scored independently;
-    ``nets.support_rows``). MANN/LSTM networks have no batch norm and take only the default.
+    ``nets.support_rows``); default: the config's ``bn``, how it was trained. MANN/LSTM networks
+    have no batch norm and take only ``'transductive'``.
     """
+    bn = bn or config.get("bn", "transductive")
     if jit_compile is None:
         jit_compile = default_jit(config["algorithm"])
     if is_sequence(config):

@@ -17,11 +17,11 @@ def tiny(n_way=None, dtype=tf.float32):
     return init(0, dtype), apply
 
 
-def episode(seed, tasks=2, n_way=3, k_shot=2, queries=4, dtype=np.float32):
+def episode(seed, tasks=2, n_way=3, k_shot=2, queries=4, dtype=np.float32, shape=SHAPE):
     rng = np.random.default_rng(seed)
-    support_x = rng.uniform(0, 1, (tasks, n_way * k_shot) + SHAPE).astype(dtype)
+    support_x = rng.uniform(0, 1, (tasks, n_way * k_shot) + shape).astype(dtype)
     support_y = np.tile(np.repeat(np.arange(n_way, dtype=np.int32), k_shot), (tasks, 1))
-    query_x = rng.uniform(0, 1, (tasks, queries) + SHAPE).astype(dtype)
+    query_x = rng.uniform(0, 1, (tasks, queries) + shape).astype(dtype)
     query_y = rng.integers(0, n_way, (tasks, queries)).astype(np.int32)
     return support_x, support_y, query_x, query_y
 
@@ -119,3 +119,30 @@ def test_support_statistics_derivative_matches_central_differences_in_float64():
     minus = loss([w - eps * d for w, d in zip(weights, direction)])
     numeric = float(plus - minus) / (2 * eps)
     assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_protonet_learner_trains_with_the_configured_statistics():
+    """``bn='support'`` in the config reaches the compiled ProtoNet step and the default
+    evaluator: one step's loss equals the support-statistics loss of the initial weights and
+    differs from the transductive one; other learners refuse it before anything compiles."""
+    from functional_meta import configs, training
+    losses = {}
+    for bn in ("transductive", "support"):
+        config = configs.make_config("protonet", data="synthetic", channels=4,
+                                     image_shape=[16, 16, 1], n_way=3, k_shot=2, q_query=2,
+                                     meta_batch=2, bn=bn)
+        assert config["bn"] == bn
+        learner = training.make_learner(config, jit_compile=False)
+        state = learner.init(0)
+        batch = episode(1, queries=6, shape=(16, 16, 1))
+        _, metrics = learner.step(state, batch)
+        expected, _ = protonet.loss_and_logits(learner.apply, state["weights"], batch, 3, bn=bn)
+        np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+        losses[bn] = float(metrics["loss"])
+        evaluator = training.make_evaluator(config, learner.apply, n_way=3, jit_compile=False)
+        assert evaluator(state, batch)["accuracy"].shape == (2,)
+    assert abs(losses["support"] - losses["transductive"]) > 1e-4
+    with pytest.raises(ValueError, match="bn='support' trains ProtoNet only"):
+        configs.make_config("maml", data="synthetic", bn="support")
+    with pytest.raises(ValueError, match="bn must be one of"):
+        configs.make_config("protonet", data="synthetic", bn="queries")
