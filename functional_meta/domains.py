@@ -264,7 +264,7 @@ class DomainEpisodeSampler(episodes.IndexedSampler):
 
     def __init__(self, data, domains, n_way, k_shot, q_query, meta_batch=1, seed=0, domain_seed=0,
                  **augment):
-        episodes._check_positive(meta_batch=meta_batch)
+        episodes.check_positive(meta_batch=meta_batch)
         self.domains = parse_list(domains)
         self._samplers = [episodes.EpisodeSampler(apply(data, d, domain_seed), n_way, k_shot,
                                                   q_query, meta_batch=1, seed=seed, **augment)
@@ -298,7 +298,7 @@ class DomainBatchSampler(episodes.IndexedSampler):
     a random split each step). A pure function of ``(seed, i)``. ``meta_batch`` is ``D``."""
 
     def __init__(self, datasets, batch_size, seed=0):
-        episodes._check_positive(batch_size=batch_size)
+        episodes.check_positive(batch_size=batch_size)
         episodes.check_seed(seed)
         if not datasets:
             raise ValueError("DomainBatchSampler needs at least one domain's data")

@@ -100,7 +100,7 @@ def navigation2d(horizon=100):
 
 def bandit(arms=5, horizon=10):
     """Bernoulli ``arms``-armed bandits. State: ``(probabilities [T, B, arms], t, seed)``."""
-    _check_positive(arms=arms)
+    episodes.check_positive(arms=arms)
     _check_horizon(horizon)
 
     def sample_tasks(rng, num):
@@ -128,7 +128,7 @@ def bandit(arms=5, horizon=10):
 def tabular_mdp(states=10, actions=5, horizon=10):
     """Random tabular MDPs. Task vector: transition probabilities ``[S, A, S]`` then mean rewards
     ``[S, A]``, flattened. State: ``(s [T, B] int32, tasks, t, seed)``."""
-    _check_positive(states=states, actions=actions)
+    episodes.check_positive(states=states, actions=actions)
     _check_horizon(horizon)
     n_transitions = states * actions * states
 
@@ -186,12 +186,6 @@ def _check_horizon(horizon):
         raise ValueError(f"horizon must be a positive integer (time steps), got {horizon!r}")
 
 
-def _check_positive(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Task batches for a training loop
 
@@ -210,7 +204,7 @@ class TaskSampler(episodes.IndexedSampler):
     ``episodes.dataset`` use it as they use the episode samplers)."""
 
     def __init__(self, env, meta_batch, seed=0):
-        _check_positive(meta_batch=meta_batch)
+        episodes.check_positive(meta_batch=meta_batch)
         episodes.check_seed(seed)
         self.env, self.meta_batch, self.seed = env, int(meta_batch), int(seed)
         self._next = 0

@@ -11,13 +11,15 @@ import tensorflow as tf
 from functional_meta import data as data_lib
 
 
-def _check_positive(**values):
+def check_positive(**values):
+    """``ValueError`` naming the first value that is not a positive integer."""
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_seed(seed):
+    """``ValueError`` unless ``seed`` is a non-negative integer."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
@@ -62,7 +64,7 @@ class EpisodeSampler(IndexedSampler):
 
     def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0, augment_shift=0,
                  augment_rotate=0.0, augment_scale=0.0):
-        _check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
+        check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
         check_seed(seed)
         if isinstance(augment_shift, bool) or not isinstance(augment_shift, (int, np.integer)) \
                 or augment_shift < 0:
@@ -231,7 +233,7 @@ class SinusoidSampler(IndexedSampler):
     query_y`` (float32)."""
 
     def __init__(self, meta_batch, k_support, k_query, seed=0):
-        _check_positive(meta_batch=meta_batch, k_support=k_support, k_query=k_query)
+        check_positive(meta_batch=meta_batch, k_support=k_support, k_query=k_query)
         check_seed(seed)
         self.meta_batch, self.k_support, self.k_query = meta_batch, k_support, k_query
         self.seed = int(seed)

@@ -166,11 +166,7 @@ def make_eval_step(apply_fn, *, inner_steps, lam, loss="cross_entropy", jit_comp
         adapted = proximal_adapt(apply_fn, weights, support_x, support_y, inner_lr=inner_lr,
                                  inner_steps=inner_steps, lam=lam, loss=loss_fn)
         outputs = apply_fn(adapted, query_x)
-        losses = loss_fn(outputs, query_y)
-        if loss == "cross_entropy":
-            hits = tf.equal(tf.argmax(outputs, -1, output_type=query_y.dtype), query_y)
-            return losses, tf.reduce_mean(tf.cast(hits, losses.dtype), axis=-1)
-        return losses, losses
+        return maml.score_queries(outputs, query_y, loss)
 
     return evaluate
 

@@ -487,6 +487,16 @@ def query_outputs(apply_fn, weights, support_x, query_x, bn="transductive"):
     return both[:, n_support:]
 
 
+def score_queries(outputs, labels, loss):
+    """``(per-task query loss [T], per-task accuracy [T])`` of adapted ``outputs``; for regression
+    (``loss='mse'``) the second value is the loss again."""
+    losses = loss_function(loss)(outputs, labels)
+    if loss == "cross_entropy":
+        hits = tf.equal(tf.argmax(outputs, -1, output_type=labels.dtype), labels)
+        return losses, tf.reduce_mean(tf.cast(hits, losses.dtype), axis=-1)
+    return losses, losses
+
+
 def make_eval_step(apply_fn, *, inner_steps, loss="cross_entropy", jit_compile=True,
                    inner_loop="auto", bn="transductive"):
     """Adapt on each support set (``inner_steps`` may differ from training) and score the queries.
@@ -504,10 +514,6 @@ def make_eval_step(apply_fn, *, inner_steps, loss="cross_entropy", jit_compile=T
         adapted = adapt(apply_fn, weights, support_x, support_y, inner_lr, inner_steps, loss_fn,
                         first_order=True, inner_loop=inner_loop)
         outputs = query_outputs(apply_fn, adapted, support_x, query_x, bn)
-        losses = loss_fn(outputs, query_y)
-        if loss == "cross_entropy":
-            hits = tf.equal(tf.argmax(outputs, -1, output_type=query_y.dtype), query_y)
-            return losses, tf.reduce_mean(tf.cast(hits, losses.dtype), axis=-1)
-        return losses, losses
+        return score_queries(outputs, query_y, loss)
 
     return evaluate

@@ -30,7 +30,7 @@ class SequenceSampler(episodes.IndexedSampler):
 
     def __init__(self, data, n_classes, n_instances, meta_batch=1, seed=0, augment_shift=0,
                  augment_rotate=0.0, augment_scale=0.0):
-        episodes._check_positive(n_classes=n_classes, n_instances=n_instances,
+        episodes.check_positive(n_classes=n_classes, n_instances=n_instances,
                                  meta_batch=meta_batch)
         episodes.check_seed(seed)
         episodes.check_warp(augment_rotate, augment_scale)
