@@ -124,7 +124,8 @@ def _report(name, result, settings):
     if settings.get("sequences"):
         where = f"sequences of {settings['n_way']} classes x {settings['k_shot']} instances"
     source = (f"fixed episodes {settings['episodes']}" if settings.get("episodes")
-              else f"{settings['split']} split")
+              else f"{settings['split']} split"
+              + (", each episode within one group" if settings.get("within_group") else ""))
     print(f"{name}: {key} {result[key]:.4f} ± {result[key + '_ci95']:.4f} (95% CI, "
           f"{settings['num_episodes']} episodes, {where}, {source}"
           + (f", {steps} inner step{'s' * (steps != 1)}" if steps else "")
@@ -159,9 +160,9 @@ def main(argv):
         if _sequence_checkpoints(stored):
             raise app.UsageError("--episodes holds support/query episodes; MANN/LSTM checkpoints "
                                  "are scored on sampled sequences")
-        if FLAGS.save_episodes:
-            raise app.UsageError("--save_episodes writes sampled episodes; with --episodes "
-                                 "nothing is sampled")
+        if FLAGS.save_episodes or FLAGS.episodes_within_group:
+            raise app.UsageError("--save_episodes/--episodes_within_group are for sampled "
+                                 "episodes; with --episodes nothing is sampled")
         return _score_fixed(paths, stored)
     if FLAGS.save_episodes and os.path.isdir(FLAGS.save_episodes) \
             and os.listdir(FLAGS.save_episodes):
@@ -216,11 +217,17 @@ def main(argv):
         except ValueError as error:
             raise app.UsageError(f"bad flags: {error}") from None
     batch = min(training.EVAL_BATCH, num_episodes)
-    sampler = training.make_sampler(classes, n_way=n_way, k_shot=k_shot, q_query=q_query,
-                                    meta_batch=batch, seed=FLAGS.eval_seed, sequences=sequence)
+    try:
+        sampler = training.make_sampler(classes, n_way=n_way, k_shot=k_shot, q_query=q_query,
+                                        meta_batch=batch, seed=FLAGS.eval_seed,
+                                        sequences=sequence,
+                                        within_group=FLAGS.episodes_within_group)
+    except ValueError as error:
+        raise app.UsageError(f"bad flags: {error}") from None
     settings = dict(split=FLAGS.eval_split, n_way=n_way, k_shot=k_shot, q_query=q_query,
                     num_episodes=num_episodes, eval_seed=FLAGS.eval_seed, sequences=sequence,
-                    data=data_config["data"], test_domain=test_domain)
+                    data=data_config["data"], test_domain=test_domain,
+                    within_group=FLAGS.episodes_within_group)
     if FLAGS.save_episodes:
         _save_episodes(sampler, settings, dict(base, data=data_config["data"],
                                                image_shape=sampler.image_shape))

@@ -46,6 +46,13 @@ flags.DEFINE_integer("q_query", None, "Query examples per class; default: the pr
                      "the checkpoint's for MAML, so batch norm sees query sets of the trained "
                      "size; 15 for ProtoNet and the pixel baselines).", lower_bound=1)
 
+flags.DEFINE_bool("episodes_within_group", False, "Draw every class of an episode from one group "
+                  "(Omniglot alphabet), as Lake et al.'s one-shot runs do; groups with fewer than "
+                  "--n_way classes are skipped (their count is logged). fm-train: the training "
+                  "episodes (validation keeps episodes across groups: its held-out classes are "
+                  "few per alphabet). fm-eval: the scored episodes (default: across groups, "
+                  "whatever the checkpoint trained with).")
+
 flags.DEFINE_integer("inner_steps", None, "MAML inner steps; default: the preset's (fm-eval: at "
                      "test time, default the checkpoint's test_inner_steps; sinusoids are also "
                      "scored after 1 step).", lower_bound=1)

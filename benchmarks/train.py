@@ -167,7 +167,8 @@ def config_from_flags():
                   train_groups=FLAGS.train_groups, val_groups=FLAGS.val_groups,
                   test_groups=FLAGS.test_groups, exclude_groups=FLAGS.exclude_groups,
                   split=[float(f) for f in FLAGS.split], val_fraction=FLAGS.val_fraction,
-                  split_seed=FLAGS.split_seed, seed=FLAGS.seed)
+                  split_seed=FLAGS.split_seed, seed=FLAGS.seed,
+                  episodes_within_group=FLAGS.episodes_within_group)
     return config
 
 
@@ -279,11 +280,14 @@ def main(argv):
         if FLAGS.val_every:
             validate = training.supervised_validator(learner, val_parts, FLAGS.jit)
     else:
-        sampler = training.make_sampler(
-            train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
-            q_query=config["q_query"], meta_batch=config["meta_batch"], seed=FLAGS.seed,
-            domain_names=config["domains"], sequences=training.is_sequence(config),
-            **configs.augment_options(config))
+        try:
+            sampler = training.make_sampler(
+                train_classes, n_way=config["n_way"], k_shot=config["k_shot"],
+                q_query=config["q_query"], meta_batch=config["meta_batch"], seed=FLAGS.seed,
+                domain_names=config["domains"], sequences=training.is_sequence(config),
+                within_group=config["episodes_within_group"], **configs.augment_options(config))
+        except ValueError as error:
+            raise app.UsageError(f"bad flags: {error}") from None
     if FLAGS.val_every and not supervised:
         val_sampler = training.make_sampler(val_classes, n_way=val_n_way, k_shot=config["k_shot"],
                                             q_query=config["q_query"],

@@ -34,7 +34,8 @@ RUN_FIELDS = ("steps",)
 # Config fields added after runs were first stored, with the value that earlier runs had: a
 # config.json without them reads as if it held these (``read_config``).
 LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "augment_rotate": 0.0,
-                  "augment_scale": 0.0, "domains": ["clean"], "bn": "transductive"}
+                  "augment_scale": 0.0, "domains": ["clean"], "bn": "transductive",
+                  "episodes_within_group": False}
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 
 

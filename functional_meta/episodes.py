@@ -7,6 +7,7 @@ and resuming is exact no matter how far a prefetching pipeline ran ahead.
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from functional_meta import data as data_lib
 
@@ -60,10 +61,16 @@ class EpisodeSampler(IndexedSampler):
     ``augment_scale`` (a fraction) then also rotate every image about its centre by an angle drawn
     from ``[-augment_rotate, augment_rotate]`` and scale it by a factor from
     ``[1 - augment_scale, 1 + augment_scale]`` (bilinear, zero fill; ``warp_images``).
+
+    ``within_group=True`` draws all ``n_way`` classes of an episode from one group (an Omniglot
+    alphabet, ``data.groups``), as in Lake et al.'s one-shot runs: first a group, uniformly among
+    those with at least ``n_way`` classes, then the classes within it. Smaller groups are
+    skipped (``skipped_groups`` names them, and the count is logged); none left is a
+    ``ValueError`` naming ``n_way`` and the largest group.
     """
 
     def __init__(self, data, n_way, k_shot, q_query, meta_batch=1, seed=0, augment_shift=0,
-                 augment_rotate=0.0, augment_scale=0.0):
+                 augment_rotate=0.0, augment_scale=0.0, within_group=False):
         check_positive(n_way=n_way, k_shot=k_shot, q_query=q_query, meta_batch=meta_batch)
         check_seed(seed)
         if isinstance(augment_shift, bool) or not isinstance(augment_shift, (int, np.integer)) \
@@ -92,12 +99,18 @@ class EpisodeSampler(IndexedSampler):
         self._images = np.concatenate(data.images)          # all images, class after class
         self._sizes = sizes
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._groups, self.skipped_groups = (_groups_of(data, n_way) if within_group
+                                             else (None, []))
         self._next = 0
 
     def _episode(self, rng):
         """Indices into ``self._images`` and labels of one episode's support and query sets."""
         n, k, q = self.n_way, self.k_shot, self.q_query
-        classes = rng.choice(len(self._sizes), n, replace=False)  # label j <- classes[j]
+        if self._groups is None:
+            classes = rng.choice(len(self._sizes), n, replace=False)  # label j <- classes[j]
+        else:
+            members = self._groups[rng.integers(len(self._groups))]
+            classes = rng.choice(members, n, replace=False)
         picks = np.stack([self._offsets[c] + rng.choice(self._sizes[c], k + q, replace=False)
                           for c in classes])                   # [N, K+Q]
         labels = np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (n, k + q))
@@ -131,6 +144,25 @@ class EpisodeSampler(IndexedSampler):
                 tf.TensorSpec((b, n * self.k_shot), tf.int32),
                 tf.TensorSpec((b, n * self.q_query) + self.image_shape, tf.float32),
                 tf.TensorSpec((b, n * self.q_query), tf.int32))
+
+
+def _groups_of(data, n_way):
+    """``([class indices of each group with >= n_way classes], [names of the smaller groups])``,
+    groups in order of first appearance; ``ValueError`` when no group is large enough."""
+    members = {}
+    for i, group in enumerate(data.groups):
+        members.setdefault(group, []).append(i)
+    kept = [np.array(m) for m in members.values() if len(m) >= n_way]
+    skipped = [g for g, m in members.items() if len(m) < n_way]
+    if not kept:
+        largest = max(members, key=lambda g: len(members[g]))
+        raise ValueError(f"within_group (--episodes_within_group): n_way={n_way} but the largest "
+                         f"group, {largest!r}, has {len(members[largest])} classes; lower n_way "
+                         f"or draw episodes across groups")
+    if skipped:
+        logging.info("within-group episodes: skipped %d of %d groups with fewer than %d classes "
+                     "(%s)", len(skipped), len(members), n_way, ", ".join(skipped))
+    return kept, skipped
 
 
 def shift_images(images, max_shift, rng):

@@ -166,14 +166,21 @@ def check_split(split, name, n_way, k_shot, q_query):
 
 
 def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_shift=0,
-                 augment_rotate=0.0, augment_scale=0.0, sequences=False, domain_names=None):
+                 augment_rotate=0.0, augment_scale=0.0, sequences=False, domain_names=None,
+                 within_group=False):
     """``EpisodeSampler`` over ``classes`` (a ``ClassData``), or ``SinusoidSampler`` when
     ``classes`` is ``None``; ``n_way`` is ignored for sinusoids. The ``augment_*`` settings are for
     the training sampler only (a config's fields, ``augment_options``); evaluation samplers keep
     the defaults, no augmentation. ``sequences=True`` (the MANN and LSTM, ``is_sequence``): a
     ``sequences.SequenceSampler`` of ``n_way`` classes x ``k_shot`` instances (``q_query``
     unused). ``domain_names`` (a config's ``domains``) other than ``['clean']``: a
-    ``domains.DomainEpisodeSampler``, each episode within one of those domains."""
+    ``domains.DomainEpisodeSampler``, each episode within one of those domains.
+    ``within_group``: every episode's classes from one group (``EpisodeSampler``); image
+    episodes of the clean domain only."""
+    if within_group and (sequences or classes is None
+                         or (domain_names and list(domain_names) != ["clean"])):
+        raise ValueError("within_group (--episodes_within_group) draws support/query image "
+                         "episodes of the clean domain; not sequences, sinusoids or --domains")
     if domain_names and list(domain_names) != ["clean"]:
         if sequences or classes is None:
             raise ValueError(f"domains={list(domain_names)} need image episodes")
@@ -191,7 +198,8 @@ def make_sampler(classes, *, n_way, k_shot, q_query, meta_batch, seed, augment_s
         return episodes.SinusoidSampler(meta_batch, k_shot, q_query, seed)
     return episodes.EpisodeSampler(classes, n_way, k_shot, q_query, meta_batch=meta_batch,
                                    seed=seed, augment_shift=augment_shift,
-                                   augment_rotate=augment_rotate, augment_scale=augment_scale)
+                                   augment_rotate=augment_rotate, augment_scale=augment_scale,
+                                   within_group=within_group)
 
 
 # ----------------------------------------------------------------------------------------------
