@@ -261,17 +261,26 @@ def loss_and_logits(apply, weights, batch):
     return loss, logits
 
 
-def init_state(weights):
-    """Training state ``{'weights', 'opt'}`` (Adam, ``functional_meta.optim``)."""
+def _optimizer(name):
+    if name not in optim.OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(optim.OPTIMIZERS)}, got {name!r}")
+    return optim.OPTIMIZERS[name]
+
+
+def init_state(weights, optimizer="adam"):
+    """Training state ``{'weights', 'opt'}``; ``optimizer`` names an ``optim.OPTIMIZERS`` entry
+    (``'adam'``, or ``'rmsprop'`` as the paper trained)."""
     weights = [tf.convert_to_tensor(w) for w in weights]
-    return {"weights": weights, "opt": optim.adam_init(weights)}
+    return {"weights": weights, "opt": _optimizer(optimizer)[0](weights)}
 
 
-def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True):
+def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True, optimizer="adam"):
     """``step(state, batch) -> (state, {'loss', 'accuracy'})``: loss over the whole sequence, its
     gradient through the ``tf.scan`` (backpropagation through time), clipping to global norm
-    ``clip_norm`` (``None``: none) and an Adam update, in one ``tf.function(jit_compile=...)``.
-    ``lr`` is a number or an ``optim`` schedule. The paper used RMSProp; ``optim`` has Adam."""
+    ``clip_norm`` (``None``: none) and an ``optimizer`` update (``'adam'`` or ``'rmsprop'``,
+    ``functional_meta.optim``), in one ``tf.function(jit_compile=...)``. ``lr`` is a number or
+    an ``optim`` schedule."""
+    update = _optimizer(optimizer)[1]
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def step(state, batch):
@@ -280,7 +289,7 @@ def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True):
             tape.watch(weights)
             loss, logits = loss_and_logits(apply, weights, batch)
         grads = optim.clip_by_global_norm(tape.gradient(loss, weights), clip_norm)
-        weights, opt = optim.adam_update(grads, weights, state["opt"], lr)
+        weights, opt = update(grads, weights, state["opt"], lr)
         correct = tf.equal(tf.argmax(logits, -1, output_type=batch[2].dtype), batch[2])
         return ({"weights": weights, "opt": opt},
                 {"loss": loss, "accuracy": tf.reduce_mean(tf.cast(correct, loss.dtype))})

@@ -1,7 +1,9 @@
-"""Adam written functionally over a weight list, so the update compiles into the same graph.
+"""Adam and RMSProp written functionally over a weight list, so the update compiles into the same
+graph.
 
 ``state = adam_init(weights)``; ``weights, state = adam_update(grads, weights, state, lr)``. The
 state is ``(step, m_list, v_list)``: plain tensors that a checkpoint or a ``tf.Variable`` can hold.
+``rmsprop_init`` and ``rmsprop_update`` work alike, with the state ``(step, ms_list, mom_list)``.
 ``lr`` is a number or a schedule ``lr(step)`` of the update's 1-based step count, e.g.
 ``step_decay(1e-3, 2000, 0.5)``: the rate is computed inside the compiled step from the count the
 state already holds, so a schedule needs no retrace and a restored state continues it exactly.
@@ -53,6 +55,29 @@ def adam_update(grads, weights, state, lr, beta1=0.9, beta2=0.999, epsilon=1e-8)
     v = [beta2 * vi + (1.0 - beta2) * tf.square(g) for vi, g in zip(v, grads)]
     weights = [w - scale * mi / (tf.sqrt(vi) + epsilon) for w, mi, vi in zip(weights, m, v)]
     return weights, (step, m, v)
+
+
+def rmsprop_init(weights):
+    """RMSProp's state ``(step, mean squares, momenta)``, all zero."""
+    return (tf.zeros([], tf.int64), [tf.zeros_like(w) for w in weights],
+            [tf.zeros_like(w) for w in weights])
+
+
+def rmsprop_update(grads, weights, state, lr, decay=0.95, momentum=0.9, epsilon=1e-10):
+    """One RMSProp step with momentum (Tieleman & Hinton 2012; the form of TensorFlow's
+    ``RMSPropOptimizer``): ``ms = decay ms + (1 - decay) g^2``, ``mom = momentum mom +
+    lr g / sqrt(ms + epsilon)``, ``w = w - mom``. The defaults are the memory-augmented network's
+    (Santoro et al. 2016: decay 0.95, momentum 0.9). ``lr`` as in ``adam_update``."""
+    step, ms, mom = state
+    step = step + 1
+    if callable(lr):
+        lr = tf.cast(lr(step), weights[0].dtype)
+    ms = [decay * s + (1.0 - decay) * tf.square(g) for s, g in zip(ms, grads)]
+    mom = [momentum * p + lr * g / tf.sqrt(s + epsilon) for p, g, s in zip(mom, grads, ms)]
+    return [w - p for w, p in zip(weights, mom)], (step, ms, mom)
+
+
+OPTIMIZERS = {"adam": (adam_init, adam_update), "rmsprop": (rmsprop_init, rmsprop_update)}
 
 
 def conjugate_gradient(matvec, b, iterations=10, residual_tol=1e-10):

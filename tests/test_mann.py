@@ -14,7 +14,8 @@ from absl.testing import flagsaver
 
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
-from functional_meta import checkpoints, configs, data, episodes, mann, sequences, training
+from functional_meta import (checkpoints, configs, data, episodes, mann, optim, sequences,
+                             training)
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
 SMALL1 = ['Balinese', 'Early_Aramaic', 'Greek', 'Korean', 'Latin']
@@ -277,6 +278,34 @@ def test_compiled_step_matches_plain_function_and_learns(algorithm):
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
     assert results[0][0][-1] < results[0][0][0]
+
+
+def test_rmsprop_step_is_the_optimiser_update_of_the_clipped_gradient():
+    """The compiled step with ``optimizer='rmsprop'`` (the paper's) applies ``optim.rmsprop_update``
+    to the clipped gradient of the sequence loss, in float64 to the last digits; an unknown
+    optimiser is refused by name."""
+    init, apply = mann.mann(3, (4, 4, 1), controller=6, memory_slots=5, memory_size=3,
+                            read_heads=2)
+    sampler = training.make_sampler(synthetic_classes(), n_way=3, k_shot=2, q_query=0,
+                                    meta_batch=2, seed=0, sequences=True)
+    batch = sampler.batch(0)
+    batch = (tf.constant(batch[0], tf.float64),) + tuple(tf.constant(x) for x in batch[1:])
+    weights = init(0, tf.float64)
+    state = mann.init_state(weights, 'rmsprop')
+    step = mann.make_train_step(apply, lr=1e-3, clip_norm=0.1, jit_compile=False,
+                                optimizer='rmsprop')
+    new_state, _ = step(state, batch)
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        loss, _ = mann.loss_and_logits(apply, weights, batch)
+    grads, norm = tf.clip_by_global_norm(tape.gradient(loss, weights), 0.1)
+    assert float(norm) > 0.1                                 # the clipping acts here
+    expected, opt = optim.rmsprop_update(grads, weights, optim.rmsprop_init(weights), 1e-3)
+    for a, b in zip(new_state['weights'], expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-15)
+    assert int(new_state['opt'][0]) == 1 and len(new_state['opt']) == len(opt) == 3
+    with pytest.raises(ValueError, match="optimizer must be one of \\['adam', 'rmsprop'\\]"):
+        mann.make_train_step(apply, optimizer='sgd')
 
 
 # ---------------------------------------------------------------------------------------------

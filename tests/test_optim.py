@@ -67,3 +67,52 @@ def test_step_decay_values_and_a_restored_count_continues_the_schedule():
 def test_step_decay_rejects_bad_arguments(every, factor, match):
     with pytest.raises(ValueError, match=match):
         optim.step_decay(1e-3, every, factor)
+
+
+def _numpy_rmsprop(grads, w, rates, decay=0.95, momentum=0.9, eps=1e-10):
+    """RMSProp with momentum in float64: mean square, momentum of the scaled step, one rate per
+    step."""
+    ms = mom = np.zeros_like(w)
+    out = []
+    for g, lr in zip(grads, rates):
+        ms = decay * ms + (1 - decay) * g * g
+        mom = momentum * mom + lr * g / np.sqrt(ms + eps)
+        w = w - mom
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_rmsprop_equals_the_hand_computation_in_float64(jit):
+    rng = np.random.default_rng(1)
+    w0 = [rng.normal(size=(3, 2)), rng.normal(size=(4,))]
+    grads = [[rng.normal(size=w.shape) for w in w0] for _ in range(6)]
+    rates = [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    schedule = optim.step_decay(0.1, 2, 0.5)
+
+    @tf.function(jit_compile=jit, autograph=False)
+    def update(g, weights, state):
+        return optim.rmsprop_update(g, weights, state, schedule)
+
+    weights = [tf.constant(w, tf.float64) for w in w0]
+    state = optim.rmsprop_init(weights)
+    expected = [_numpy_rmsprop([g[i] for g in grads], w0[i], rates) for i in range(2)]
+    for t, g in enumerate(grads):
+        weights, state = update([tf.constant(x, tf.float64) for x in g], weights, state)
+        for i in range(2):
+            np.testing.assert_allclose(weights[i].numpy(), expected[i][t], rtol=1e-13, atol=1e-14)
+        assert int(state[0]) == t + 1
+    # Momentum and the running mean square both matter: plain sign-like steps differ.
+    no_momentum = _numpy_rmsprop([g[0] for g in grads], w0[0], rates, momentum=0.0)
+    assert not np.allclose(expected[0][-1], no_momentum[-1], atol=1e-3)
+    assert update.experimental_get_tracing_count() == 1
+
+
+def test_rmsprop_first_step_is_lr_over_root_one_minus_decay():
+    # ms = 0.05 g^2 after one step, so the step is lr g / (sqrt(0.05) |g|) = lr * sign(g) * 4.47
+    # (up to epsilon = 1e-10 under the root: a relative 4e-9 here).
+    w, state = optim.rmsprop_update([tf.constant([2.0, -0.5], tf.float64)],
+                                    [tf.constant([0.0, 0.0], tf.float64)],
+                                    optim.rmsprop_init([tf.zeros([2], tf.float64)]), 1e-4)
+    np.testing.assert_allclose(w[0].numpy(), [-1e-4 / np.sqrt(0.05), 1e-4 / np.sqrt(0.05)],
+                               rtol=1e-7)
