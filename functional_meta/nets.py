@@ -16,6 +16,8 @@ import math
 
 import tensorflow as tf
 
+from functional_meta import devices
+
 try:  # XLA's optimisation barrier and TensorFlow's test for tracing under jit_compile=True
     from tensorflow.compiler.tf2xla.python.xla import optimization_barrier as _xla_barrier
     from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla
@@ -39,8 +41,26 @@ def _check_seed(seed):
 
 def _dense(x, w, b):
     """x [..., n, d] times w [..., d, o] (w may carry a task axis), plus b [..., o]."""
-    product = _task_matmul(x, w) if x.shape.rank == w.shape.rank == 3 else tf.matmul(x, w)
+    product = _task_matmul(x, w) if x.shape.rank == w.shape.rank == 3 else _matmul(x, w)
     return product + (b if b.shape.rank == 1 else b[:, None, :])
+
+
+def _matmul(a, b, **options):
+    """``tf.matmul(a, b, **options)`` with inputs in ``devices.compute_dtype`` (bfloat16 products
+    of a float32 network under ``devices.precision('bfloat16')``), the result in ``a``'s dtype."""
+    low = devices.compute_dtype(a.dtype)
+    if low == a.dtype:
+        return tf.matmul(a, b, **options)
+    return tf.cast(tf.matmul(tf.cast(a, low), tf.cast(b, low), **options), a.dtype)
+
+
+def _conv2d(x, kernel, stride, padding="SAME"):
+    """``tf.nn.conv2d`` with inputs in ``devices.compute_dtype``, as ``_matmul``. An input with
+    ``G`` times the kernel's input channels is a grouped convolution of ``G`` groups."""
+    low = devices.compute_dtype(x.dtype)
+    if low == x.dtype:
+        return tf.nn.conv2d(x, kernel, stride, padding)
+    return tf.cast(tf.nn.conv2d(tf.cast(x, low), tf.cast(kernel, low), stride, padding), x.dtype)
 
 
 def _broadcast_source(weight):
@@ -70,9 +90,9 @@ def _task_matmul(a, weight):
     shared = _broadcast_source(weight)
     # Kernel gradients in _kernel_gradient's wide form, under XLA only: outside it the custom
     # gradients cost more than they save (docs/design.md, those gradients only under XLA).
-    wide = _compiling_with_xla()
+    wide = _wide_gradients()
     if shared is None:
-        return _wide_matmul(a, kernel) if wide else tf.matmul(a, kernel)
+        return _wide_matmul(a, kernel) if wide else _matmul(a, kernel)
     shared = tf.reshape(shared, [k, -1])
 
     @tf.custom_gradient
@@ -80,9 +100,9 @@ def _task_matmul(a, weight):
         def grad(dy):
             rows = tf.reshape(dy, [t * r, -1])
             da = (_input_gradient(rows, shared) if wide
-                  else tf.matmul(rows, shared, transpose_b=True))
+                  else _matmul(rows, shared, transpose_b=True))
             return tf.reshape(da, [t, r, k]), _kernel_gradient(a, dy)
-        return tf.reshape(tf.matmul(tf.reshape(a, [t * r, k]), shared), [t, r, -1]), grad
+        return tf.reshape(_matmul(tf.reshape(a, [t * r, k]), shared), [t, r, -1]), grad
 
     return product(a, kernel)
 
@@ -95,18 +115,25 @@ def _kernel_gradient(a, dy):
     ``N x K`` one (docs/design.md, wide kernel gradients). The transpose then rides in the
     consumer's elementwise kernel. XLA would fold a transpose of a product back into the narrow
     product, so an optimisation barrier stands between them; it is an identity for values and
-    derivatives (``_barrier``). Outside XLA (eager, ``jit_compile=False``) the plain product runs.
+    derivatives (``_barrier``). Outside XLA (eager, ``jit_compile=False``) and for a GPU target
+    (``devices.Choices.kernel_barrier``) the plain product runs.
     """
-    if not _compiling_with_xla():
-        return tf.matmul(a, dy, transpose_a=True)
+    if not _wide_gradients():
+        return _matmul(a, dy, transpose_a=True)
     rank = a.shape.rank
-    wide = tf.matmul(dy, a, transpose_a=True)
+    wide = _matmul(dy, a, transpose_a=True)
     return tf.transpose(_barrier(wide), list(range(rank - 2)) + [rank - 1, rank - 2])
 
 
 def _compiling_with_xla():
     """Whether the current trace is for XLA (``tf.function(jit_compile=True)``); False eagerly."""
     return _in_xla is not None and _in_xla(tf.compat.v1.get_default_graph())
+
+
+def _wide_gradients():
+    """Whether kernel gradients take ``_kernel_gradient``'s wide form behind a barrier: under XLA,
+    for a target that wants it (a CPU: ``devices.Choices.kernel_barrier``)."""
+    return _compiling_with_xla() and devices.choices().kernel_barrier
 
 
 @tf.custom_gradient
@@ -120,8 +147,8 @@ def _barrier(x):
 def _wide_matmul(a, kernel):
     """``tf.matmul(a, kernel)`` whose kernel gradient goes through ``_kernel_gradient``."""
     def grad(dy):
-        return tf.matmul(dy, kernel, transpose_b=True), _kernel_gradient(a, dy)
-    return tf.matmul(a, kernel), grad
+        return _matmul(dy, kernel, transpose_b=True), _kernel_gradient(a, dy)
+    return _matmul(a, kernel), grad
 
 
 @tf.custom_gradient
@@ -129,8 +156,8 @@ def _input_gradient(dy, kernel):
     """``dy [R, N]`` times ``kernel [K, N]`` transposed, an input's gradient whose own derivative
     with respect to the kernel (MAML's second order) goes through ``_kernel_gradient``."""
     def grad(h):
-        return tf.matmul(h, kernel), _kernel_gradient(h, dy)
-    return tf.matmul(dy, kernel, transpose_b=True), grad
+        return _matmul(h, kernel), _kernel_gradient(h, dy)
+    return _matmul(dy, kernel, transpose_b=True), grad
 
 
 def mlp(sizes, activation=tf.nn.relu, in_shape=None):
@@ -231,16 +258,33 @@ def _conv3x3(x, kernel, stride):
     """3x3 'SAME' convolution of x [T, n, H, W, C].
 
     A shared kernel [3, 3, C, O] runs as one ordinary convolution over all T*n images. A per-task
-    kernel [T, 3, 3, C, O] runs as patches (im2col) times the kernel in one batched matrix product,
-    which XLA compiles well on CPU and GPU and which differentiates to any order.
+    kernel [T, 3, 3, C, O] runs, for a CPU target, as patches (im2col) times the kernel in one
+    batched matrix product, which XLA compiles well on CPU and which differentiates to any order;
+    for a GPU target as one grouped convolution (``_grouped_conv3x3``; ``devices.Choices.patches``).
     """
     t, n, h, w, c = x.shape
     if kernel.shape.rank == 4:
-        y = tf.nn.conv2d(tf.reshape(x, [t * n, h, w, c]), kernel, stride, "SAME")
+        y = _conv2d(tf.reshape(x, [t * n, h, w, c]), kernel, stride)
         return tf.reshape(y, [t, n] + y.shape[1:])
+    if not devices.choices().patches:
+        return _grouped_conv3x3(x, kernel, stride)
     patches, out_h, out_w = _patches(x, stride)
     y = _task_matmul(patches, kernel)
     return tf.reshape(y, [t, n, out_h, out_w, kernel.shape[-1]])
+
+
+def _grouped_conv3x3(x, kernel, stride):
+    """``_conv3x3`` of ``x [T, n, H, W, C]`` with a per-task ``kernel [T, 3, 3, C, O]`` as one
+    grouped convolution, the usual GPU form: the tasks folded into the channels (``[n, H, W, T*C]``,
+    task-major) and the kernels side by side (``[3, 3, C, T*O]``), so output channels ``t*O`` to
+    ``t*O + O - 1`` see only task ``t``'s input channels (XLA's ``feature_group_count`` = T). Its
+    derivatives are convolutions again, to any order."""
+    t, n, h, w, c = x.shape
+    o = kernel.shape[-1]
+    folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [n, h, w, t * c])
+    side_by_side = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, c, t * o])
+    y = _conv2d(folded, side_by_side, stride)
+    return tf.transpose(tf.reshape(y, [n, y.shape[1], y.shape[2], t, o]), [3, 0, 1, 2, 4])
 
 
 # Inputs with at most this many channels (9 * 3 = 27 patch values: grey or RGB images) take
@@ -257,8 +301,11 @@ def _conv_batch_norm_from_patches(x, kernel, scale, offset, stride):
     the centred patches. Batch norm then folds into the kernel and an offset: one matrix product
     makes the normalised output. The same function and derivatives as the two steps, but the wide
     first-block output is written once instead of being read and written again by batch norm and
-    its gradient (docs/design.md, first-block batch norm from the patches' covariance).
+    its gradient (docs/design.md, first-block batch norm from the patches' covariance). For a GPU
+    target (no patches: ``devices.Choices.patches``) the convolution and batch norm run as such.
     """
+    if not devices.choices().patches:
+        return _batch_norm(_conv3x3(x, kernel, stride), scale, offset)
     t, n = x.shape[:2]
     # The offset rides as one more kernel row against a column of ones: no pass over the output.
     # That column has mean 1 and no variance: a zero kernel row leaves the statistics unchanged.
@@ -272,7 +319,7 @@ def _conv_batch_norm_from_patches(x, kernel, scale, offset, stride):
     factor = tf.math.rsqrt(var + BN_EPSILON) * scale                    # [T, O]
     shift = offset - tf.matmul(mean, k_ones)[:, 0] * factor             # [T, O]
     folded = tf.concat([k * factor[:, None, :], shift[:, None, :]], axis=1)
-    y = tf.matmul(patches, folded)
+    y = _matmul(patches, folded)
     return tf.reshape(y, [t, n, out_h, out_w, kernel.shape[-1]])
 
 

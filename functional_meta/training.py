@@ -31,8 +31,8 @@ from tensorflow.core.framework import summary_pb2
 from tensorflow.core.util import event_pb2
 
 from functional_meta import data as data_lib
-from functional_meta import (checkpoints, configs, distribute, domains, episodes, maml, mann,
-                             metrics, mldg, optim, presets, protonet)
+from functional_meta import (checkpoints, configs, devices, distribute, domains, episodes, maml,
+                             mann, metrics, mldg, optim, presets, protonet)
 from functional_meta import sequences as sequences_lib
 
 HISTORY_FILE = "history.jsonl"
@@ -43,10 +43,8 @@ EVAL_BATCH = 25
 def default_jit(algorithm):
     """MAML-style steps compile with XLA everywhere; ProtoNet's only on GPU (oneDNN convolutions
     beat XLA's on CPU), and so the recurrent MANN and LSTM (docs/mann.md: XLA's loop ran them
-    slower on CPU)."""
-    if algorithm in ("protonet", "mann", "lstm"):
-        return bool(tf.config.list_physical_devices("GPU"))
-    return True
+    slower on CPU). The target is ``devices.kind()``; the choice is ``devices.default_jit``'s."""
+    return devices.default_jit(algorithm)
 
 
 # Input values per MAML chunk on a CPU: 80 Omniglot images (28x28x1), 8 tasks of config A and 2 of
@@ -63,10 +61,10 @@ def default_task_chunk(config, replicas=1):
     of tasks holds at most ``CHUNK_VALUES`` support and query input values, so that the chunk's
     activations stay in the caches. ``None`` (the whole meta-batch at once) when that is all of
     it, for an MLP (its activations are small), and on a GPU (it has the parallelism to use the
-    whole batch).
+    whole batch; ``devices.Choices.task_chunks``, for the target ``devices.kind()``).
     """
     tasks = config["meta_batch"] // replicas
-    if config["net"] != "conv4" or tf.config.list_physical_devices("GPU"):
+    if config["net"] != "conv4" or not devices.choices().task_chunks:
         return None
     per_task = config["n_way"] * (config["k_shot"] + config["q_query"]) \
         * math.prod(config["image_shape"])
@@ -405,7 +403,8 @@ def _pretrain_step(apply, outer_lr, jit_compile):
     return step
 
 
-def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None, bn=None):
+def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=None, bn=None,
+                   adapt=None):
     """``evaluator(state, batch) -> {'accuracy': [B]}`` (classification; MAML adds ``'loss'``) or
     ``{'mse': [B]}`` (regression), numpy, one value per episode.
 
@@ -414,7 +413,8 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
     batch norm's statistics for the queries, ``'transductive'`` (the batch scored, as in training)
     or ``'support'`` (the support set's alone, so each query is scored independently;
     ``nets.support_rows``); default: the config's ``bn``, how it was trained. MANN/LSTM networks
-    have no batch norm and take only ``'transductive'``.
+    have no batch norm and take only ``'transductive'``. ``adapt``: ProtoNet's test-time
+    adaptation, ``adaptation.make_eval_step``'s ``steps``, ``lr`` and ``views`` as a dict.
     """
     bn = bn or config.get("bn", "transductive")
     if jit_compile is None:
@@ -424,8 +424,16 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
             raise ValueError(f"bn={bn!r}: the {config['algorithm']} network has no batch norm")
         return _sequence_evaluator(config, apply, n_way, jit_compile)
     n_way = n_way or (config.get("test_n_way") or config["n_way"])
+    if adapt and config["algorithm"] != "protonet":
+        raise ValueError(f"test-time fine-tuning and augmentation (--finetune_steps, --tta) are "
+                         f"for ProtoNet; this checkpoint is {config['algorithm']}")
     if config["algorithm"] == "protonet":
-        eval_step = protonet.make_eval_step(apply, n_way, config["metric"], jit_compile, bn)
+        if adapt:
+            from functional_meta import adaptation
+            eval_step = adaptation.make_eval_step(apply, n_way, metric=config["metric"],
+                                                  jit_compile=jit_compile, bn=bn, **adapt)
+        else:
+            eval_step = protonet.make_eval_step(apply, n_way, config["metric"], jit_compile, bn)
 
         def evaluate_protonet(state, batch):
             accuracy, _ = eval_step(state["weights"], batch)
