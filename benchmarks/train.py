@@ -58,7 +58,11 @@ flags.DEFINE_integer("test_inner_steps", None, "MAML inner steps at validation."
 flags.DEFINE_integer("test_n_way", None, "Ways of the validation episodes (ProtoNet).",
                      lower_bound=1)
 flags.DEFINE_float("inner_lr", None, "MAML inner learning rate (initial value when learned).")
-flags.DEFINE_float("outer_lr", None, "Adam learning rate of the meta-update.")
+flags.DEFINE_float("outer_lr", None, "Learning rate of the meta-update (Adam's; with "
+                   "--optimizer=rmsprop default 1e-4, the MANN paper's).")
+flags.DEFINE_enum("optimizer", None, ["adam", "rmsprop"], "MANN/LSTM: the optimiser, adam (the "
+                  "presets') or rmsprop (Santoro et al. 2016: decay 0.95, momentum 0.9). Other "
+                  "algorithms use Adam.")
 flags.DEFINE_integer("lr_decay_every", 0, "Multiply the meta-update's Adam rate (--outer_lr) by "
                      "--lr_decay every this many steps, counted by the optimiser inside the "
                      "compiled step (so --resume continues the schedule); 0 = constant rate. The "
@@ -135,6 +139,13 @@ flags.DEFINE_bool("plots", False, "Draw PNG figures in --out_dir at the end (nee
 
 
 
+@flags.multi_flags_validator(["optimizer", "algorithm"],
+                             "--optimizer applies to --algorithm=mann or lstm only")
+def _check_optimizer(values):
+    return (values["optimizer"] is None
+            or values["algorithm"] in (None, *configs.SEQUENCE_ALGORITHMS))
+
+
 def config_from_flags():
     """The training config (preset + flags + data settings); ``app.UsageError`` on bad input."""
     hidden = None
@@ -147,6 +158,7 @@ def config_from_flags():
                      meta_batch=FLAGS.meta_batch, inner_steps=FLAGS.inner_steps,
                      test_inner_steps=FLAGS.test_inner_steps, test_n_way=FLAGS.test_n_way,
                      inner_lr=FLAGS.inner_lr, outer_lr=FLAGS.outer_lr, channels=FLAGS.channels,
+                     optimizer=FLAGS.optimizer,
                      pool=FLAGS.pool, hidden=hidden, batch_size=FLAGS.batch_size,
                      beta=FLAGS.beta, meta_test=FLAGS.meta_test)
     try:

@@ -37,6 +37,13 @@ LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "aug
                   "augment_scale": 0.0, "domains": ["clean"], "bn": "transductive",
                   "episodes_within_group": False}
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
+# The same for fields of the MANN/LSTM presets only: their first runs wrote keys and used Adam.
+SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam"}
+# The optimisers of the MANN/LSTM (``optim.OPTIMIZERS``) and what a MANN head writes
+# (``mann.WRITES``); RMSProp's rate when none is given is the MANN paper's.
+SEQUENCE_OPTIMIZERS = ("adam", "rmsprop")
+SEQUENCE_WRITES = ("add", "key")
+RMSPROP_LR = 1e-4
 
 
 def default_preset(algorithm, data=None):
@@ -223,6 +230,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     if bn != "transductive" and algorithm != "protonet":
         raise ValueError(f"bn={bn!r} trains ProtoNet only; {algorithm} trains with the batch's "
                          "statistics (score it inductively with fm-eval --bn=support)")
+    if config.get("optimizer") == "rmsprop" and overrides.get("outer_lr") is None:
+        config["outer_lr"] = RMSPROP_LR          # the presets' rate is Adam's
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
                   first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
                   lr_decay=lr_decay, augment_shift=augment_shift, augment_rotate=augment_rotate,
@@ -294,6 +303,9 @@ def check_config(config):
     if config["family"] == "mann":
         check_positive_int(config, "controller", "memory_slots", "memory_size", "read_heads")
         _check_positive_float(config, "clip_norm")
+        for name, allowed in (("optimizer", SEQUENCE_OPTIMIZERS), ("write", SEQUENCE_WRITES)):
+            if config.get(name, allowed[-1]) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {config[name]!r}")
         if config["read_heads"] > config["memory_slots"]:
             raise ValueError(f"read_heads={config['read_heads']} must not exceed memory_slots="
                              f"{config['memory_slots']}")
@@ -354,8 +366,12 @@ def load_config(path):
 
 def read_config(file):
     """The config in the JSON ``file``, with any field added since it was stored
-    (``LATER_DEFAULTS``) at the value that runs had before the field existed."""
-    return {**LATER_DEFAULTS, **json.loads(Path(file).read_text())}
+    (``LATER_DEFAULTS``, and ``SEQUENCE_LATER_DEFAULTS`` for the MANN and LSTM) at the value that
+    runs had before the field existed."""
+    config = {**LATER_DEFAULTS, **json.loads(Path(file).read_text())}
+    if config.get("family") == "mann":
+        config = {**SEQUENCE_LATER_DEFAULTS, **config}
+    return config
 
 
 def atomic_write(path, text):

@@ -8,8 +8,9 @@ reads ``r_{t-1}``, and classifies ``x_t`` from its state and the new reads. Per 
 read head ``h`` with key ``k_t^h`` (the paper's equation numbers):
 
 - (6) write weights ``w^w_t = sigmoid(alpha) w^r_{t-1} + (1 - sigmoid(alpha)) w^lu_{t-1}``;
-- (7) ``M_t(i) = M_{t-1}(i) + sum_h w^w_t^h(i) k_t^h``, after the least-used slot of
-  ``w^u_{t-1}`` has been set to zero;
+- (7) ``M_t(i) = M_{t-1}(i) + sum_h w^w_t^h(i) a_t^h``, after the least-used slot of
+  ``w^u_{t-1}`` has been set to zero; ``a_t^h`` is the key ``k_t^h`` itself as the paper writes
+  it (``write='key'``), or a separate add vector (``write='add'``, the presets' choice);
 - (1) cosine similarity ``K(k, M(i))``, (2) read weights ``softmax_i(beta K(k_t^h, M_t(i)))``,
   (3) reads ``r_t^h = sum_i w^r_t^h(i) M_t(i)``;
 - (4) usage ``w^u_t = gamma w^u_{t-1} + sum_h (w^r_t^h + w^w_t^h)``;
@@ -20,8 +21,12 @@ Where the paper leaves a detail open, this module chooses:
 - Key strength ``beta = softplus(.)`` per head (the Neural Turing Machine's sharpening, Graves
   et al. 2014), starting at ``INITIAL_STRENGTH``; the paper's equation (2) is the case
   ``beta = 1``.
-- Keys are ``tanh`` of a linear map of the controller output and serve for reading and writing
-  (equation 7 writes the key itself); the gate ``alpha`` is a linear map too, one per head.
+- Keys are ``tanh`` of a linear map of the controller output; the gate ``alpha`` is a linear
+  map too, one per head. ``write='add'`` writes ``a_t^h = tanh`` of another linear map instead of
+  the key, as the Neural Turing Machine's add vector: a slot just written with the key ``k_t^h``
+  has cosine similarity ~1 with that same key, so the read that follows the write tends to
+  return the current step's own key rather than an earlier instance's slot (docs/mann.md
+  measures both).
 - Memory starts at ``MEMORY_INIT`` in every entry (a zero slot has no cosine similarity), usage
   and read weights at zero, reads and the LSTM state at zero.
 - ``m(w^u_t, n)`` of equation (5): exactly the ``n`` least-used slots get a one (ties go to the
@@ -98,19 +103,20 @@ def cosine_similarity(keys, memory):
     return dots / (key_norms[:, :, None] * slot_norms[:, None, :])
 
 
-def lrua_step(state, keys, gates, strengths, gamma):
+def lrua_step(state, keys, adds, gates, strengths, gamma):
     """One LRUA write-then-read: ``(new_state, reads [B, R, M])``.
 
-    ``keys [B, R, M]``, ``gates [B, R]`` (the logits ``alpha`` of equation 6), ``strengths [B, R]``
-    (``beta >= 0``). Equations (5), (6), (7), (1)-(3), (4), in that order (see the module
-    docstring); ``gamma`` is the usage decay.
+    ``keys [B, R, M]`` (the reads' keys), ``adds [B, R, M]`` (what each head writes: ``keys``
+    for the paper's equation 7), ``gates [B, R]`` (the logits ``alpha`` of equation 6),
+    ``strengths [B, R]`` (``beta >= 0``). Equations (5), (6), (7), (1)-(3), (4), in that order
+    (see the module docstring); ``gamma`` is the usage decay.
     """
     heads = keys.shape[1]
     lu, least = least_used(state.usage, heads)                               # from w^u_{t-1}
     gate = tf.sigmoid(gates)[:, :, None]
     write = gate * state.read_weights + (1.0 - gate) * lu[:, None, :]         # (6) [B, R, N]
     memory = (state.memory * (1.0 - least)[:, :, None]                        # (7)
-              + tf.matmul(write, keys, transpose_a=True))
+              + tf.matmul(write, adds, transpose_a=True))
     read = tf.nn.softmax(strengths[:, :, None] * cosine_similarity(keys, memory))  # (1), (2)
     reads = tf.matmul(read, memory)                                          # (3) [B, R, M]
     usage = gamma * state.usage + tf.reduce_sum(read + write, axis=1)         # (4)
@@ -135,8 +141,8 @@ def _check_sizes(**sizes):
 
 
 def _head_bias(heads, size, dtype):
-    """Per head ``[key (size), gate, strength]``: zeros, but the strength starts at
-    ``INITIAL_STRENGTH``."""
+    """Per head ``[key and add vector (size), gate, strength]``: zeros, but the strength starts
+    at ``INITIAL_STRENGTH``."""
     raw = math.log(math.expm1(INITIAL_STRENGTH))                   # softplus(raw) = strength
     one = tf.concat([tf.zeros([size + 1], dtype), tf.constant([raw], dtype)], 0)
     return tf.tile(one, [heads])
@@ -166,14 +172,20 @@ def _inputs(w_in, images, previous_labels, n_classes):
     return tf.reshape(tf.matmul(tf.reshape(x, [t * b, -1]), w_in), [t, b, -1])
 
 
+WRITES = ("add", "key")
+
+
 def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-         gamma=0.95):
+         gamma=0.95, write="add"):
     """``(init, apply)`` of the MANN: LSTM controller of ``controller`` units and an LRUA memory of
     ``memory_slots`` x ``memory_size`` with ``read_heads`` heads (the paper: 200, 128 x 40, 4).
+    ``write``: what a head writes, ``'add'`` (a vector of its own) or ``'key'`` (its key, the
+    paper's equation 7).
 
     ``init(seed, dtype=tf.float32)`` -> weights ``[w_in (D + n_classes, 4H), w_rec (H + R*M, 4H),
-    b (4H,), w_head (H, R*(M + 2)), b_head, w_out (H + R*M, n_classes), b_out]`` with
-    ``D = prod(image_shape)``; ``w_head`` gives each head's key, gate and strength.
+    b (4H,), w_head (H, R*(A + 2)), b_head, w_out (H + R*M, n_classes), b_out]`` with
+    ``D = prod(image_shape)``; ``w_head`` gives each head's key (and add vector: ``A = 2M``; with
+    ``write='key'`` ``A = M``), gate and strength.
     ``apply(weights, (images [B, T, *image_shape], previous_labels [B, T]))`` -> logits
     ``[B, T, n_classes]``, the whole sequence in one ``tf.scan``.
     """
@@ -183,13 +195,16 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
         raise ValueError(f"read_heads={read_heads} must not exceed memory_slots={memory_slots}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma (usage decay) must be in [0, 1], got {gamma!r}")
+    if write not in WRITES:
+        raise ValueError(f"write must be one of {list(WRITES)}, got {write!r}")
     d, h, r, m = math.prod(image_shape), controller, read_heads, memory_size
+    a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
 
     def init(seed, dtype=tf.float32):
         _check(seed)
         return [_glorot(seed, 0, [d + n_classes, 4 * h], dtype),
                 _glorot(seed, 1, [h + r * m, 4 * h], dtype), _lstm_bias(h, dtype),
-                _glorot(seed, 2, [h, r * (m + 2)], dtype), _head_bias(r, m, dtype),
+                _glorot(seed, 2, [h, r * (a + 2)], dtype), _head_bias(r, a, dtype),
                 _glorot(seed, 3, [h + r * m, n_classes], dtype), tf.zeros([n_classes], dtype)]
 
     def apply(weights, episode):
@@ -202,10 +217,12 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
             hidden, cell, reads, memory = carry
             pre = pre_input + tf.matmul(tf.concat([hidden, reads], -1), w_rec)
             hidden, cell = _lstm_cell(pre, cell)
-            head = tf.reshape(tf.matmul(hidden, w_head) + b_head, [batch, r, m + 2])
-            keys, gates, strengths = tf.tanh(head[..., :m]), head[..., m], \
-                tf.nn.softplus(head[..., m + 1])
-            memory, new_reads = lrua_step(MemoryState(*memory), keys, gates, strengths, gamma)
+            head = tf.reshape(tf.matmul(hidden, w_head) + b_head, [batch, r, a + 2])
+            vectors = tf.tanh(head[..., :a])
+            keys, adds = vectors[..., :m], vectors[..., a - m:]    # the same for write='key'
+            gates, strengths = head[..., a], tf.nn.softplus(head[..., a + 1])
+            memory, new_reads = lrua_step(MemoryState(*memory), keys, adds, gates, strengths,
+                                          gamma)
             return hidden, cell, tf.reshape(new_reads, [batch, r * m]), tuple(memory)
 
         zeros = tf.zeros([batch, h], dtype)

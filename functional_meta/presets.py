@@ -48,17 +48,20 @@ PRESETS = {
         data="synthetic"),
     # MANN (Santoro et al. 2016): LSTM controller of 200 units, LRUA memory 128 x 40 with 4 read
     # heads; sequences of 5 classes x 10 instances (50 steps) of 20x20 images, one-hot labels,
-    # meta-batch 16. n_way = classes, k_shot = instances per class; no query set. Adam (the paper:
-    # RMSProp) with gradients clipped to norm clip_norm; gamma is the usage decay.
+    # meta-batch 16. n_way = classes, k_shot = instances per class; no query set. Adam (optimizer
+    # 'rmsprop': the paper's) with gradients clipped to norm clip_norm; gamma is the usage decay;
+    # write: what a head writes, 'add' (a vector of its own) or 'key' (the paper's equation 7).
     "mann_omniglot_5way": dict(
         family="mann", net="mann", image_shape=(20, 20, 1), n_way=5, k_shot=10, q_query=0,
         meta_batch=16, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-        gamma=0.95, clip_norm=10.0, outer_lr=1e-3, loss="cross_entropy", data="omniglot"),
+        gamma=0.95, write="add", optimizer="adam", clip_norm=10.0, outer_lr=1e-3,
+        loss="cross_entropy", data="omniglot"),
     # The paper's second setting: 15 classes x 10 instances (150 steps), one-hot labels here.
     "mann_omniglot_15way": dict(
         family="mann", net="mann", image_shape=(20, 20, 1), n_way=15, k_shot=10, q_query=0,
         meta_batch=16, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-        gamma=0.95, clip_norm=10.0, outer_lr=1e-3, loss="cross_entropy", data="omniglot"),
+        gamma=0.95, write="add", optimizer="adam", clip_norm=10.0, outer_lr=1e-3,
+        loss="cross_entropy", data="omniglot"),
     # Domain generalisation (MLDG, ERM) on Rotated MNIST as DomainBed (Gulrajani & Lopez-Paz 2021)
     # trains it: a classifier of the n_way = 10 digits, batch_size = 64 images per training domain
     # a step, Adam 1e-3. MLDG: virtual SGD step inner_lr, meta-test weight beta (DomainBed's
@@ -98,7 +101,8 @@ def network(config, n_way=None):
     if config["net"] == "mann":
         return mann.mann(way, tuple(config["image_shape"]), controller=config["controller"],
                          memory_slots=config["memory_slots"], memory_size=config["memory_size"],
-                         read_heads=config["read_heads"], gamma=config["gamma"])
+                         read_heads=config["read_heads"], gamma=config["gamma"],
+                         write=config.get("write", "key"))
     if config["net"] == "lstm":
         return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"])
     if config["net"] == "conv4":

@@ -233,8 +233,9 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
     if strategy is not None and config["algorithm"] in ("pretrain", "mann", "lstm"):
         raise ValueError(f"{config['algorithm']} runs on one device only (no --strategy)")
     if is_sequence(config):
-        step = mann.make_train_step(apply, outer_lr, config["clip_norm"], jit_compile)
-        return Learner(config, lambda seed: mann.init_state(init(seed)), step, apply)
+        optimizer = config.get("optimizer", "adam")
+        step = mann.make_train_step(apply, outer_lr, config["clip_norm"], jit_compile, optimizer)
+        return Learner(config, lambda seed: mann.init_state(init(seed), optimizer), step, apply)
     if is_supervised(config):
         if strategy is not None:
             raise ValueError(f"{config['algorithm']} runs on one device only (no --strategy)")

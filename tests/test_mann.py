@@ -27,8 +27,9 @@ FLAGS = flags.FLAGS
 # The memory against a numpy reference of the paper's equations
 
 
-def numpy_lrua(memory, usage, read_weights, keys, gates, strengths, gamma):
-    """Equations (4)-(7), (1)-(3) of Santoro et al. (2016), slot by slot and head by head."""
+def numpy_lrua(memory, usage, read_weights, keys, adds, gates, strengths, gamma):
+    """Equations (4)-(7), (1)-(3) of Santoro et al. (2016), slot by slot and head by head; head
+    ``h`` writes ``adds[h]`` (the paper: its key)."""
     n_slots, heads = memory.shape[0], keys.shape[0]
     order = np.argsort(usage, kind='stable')
     lu = np.zeros(n_slots)
@@ -41,7 +42,7 @@ def numpy_lrua(memory, usage, read_weights, keys, gates, strengths, gamma):
         write[h] = g * read_weights[h] + (1 - g) * lu       # (6)
     for i in range(n_slots):
         for h in range(heads):
-            memory[i] += write[h, i] * keys[h]               # (7)
+            memory[i] += write[h, i] * adds[h]               # (7)
     read = np.zeros((heads, n_slots))
     for h in range(heads):
         sim = np.array([keys[h] @ memory[i] / np.sqrt((keys[h] @ keys[h] + mann.COSINE_EPSILON)
@@ -55,7 +56,8 @@ def numpy_lrua(memory, usage, read_weights, keys, gates, strengths, gamma):
     return memory, usage, read, reads
 
 
-def test_lrua_step_matches_numpy_reference():
+@pytest.mark.parametrize('write', ['add', 'key'])
+def test_lrua_step_matches_numpy_reference(write):
     rng = np.random.default_rng(0)
     b, n, m, r = 3, 7, 4, 2
     memory = rng.normal(size=(b, n, m))
@@ -63,11 +65,12 @@ def test_lrua_step_matches_numpy_reference():
     read_weights = rng.dirichlet(np.ones(n), size=(b, r))
     keys, gates, strengths = rng.normal(size=(b, r, m)), rng.normal(size=(b, r)), \
         rng.uniform(0.5, 4, size=(b, r))
-    state, reads = mann.lrua_step(mann.MemoryState(memory, usage, read_weights), keys, gates,
-                                  strengths, 0.9)
+    adds = rng.normal(size=(b, r, m)) if write == 'add' else keys
+    state, reads = mann.lrua_step(mann.MemoryState(memory, usage, read_weights), keys, adds,
+                                  gates, strengths, 0.9)
     for i in range(b):
-        want = numpy_lrua(memory[i], usage[i], read_weights[i], keys[i], gates[i], strengths[i],
-                          0.9)
+        want = numpy_lrua(memory[i], usage[i], read_weights[i], keys[i], adds[i], gates[i],
+                          strengths[i], 0.9)
         for got, expected in zip((state.memory[i], state.usage[i], state.read_weights[i],
                                   reads[i]), want):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
@@ -96,10 +99,11 @@ def tiny_sequence(batch=2, steps=7, seed=0):
     return images, sequences.previous_labels(labels), labels
 
 
-@pytest.mark.parametrize('model', ['mann', 'lstm'])
+@pytest.mark.parametrize('model', ['mann', 'mann_key', 'lstm'])
 def test_sequence_gradient_matches_finite_differences(model):
     init, apply = (mann.mann(**TINY, controller=5, memory_slots=6, memory_size=3, read_heads=2,
-                             gamma=0.9) if model == 'mann' else mann.lstm(**TINY, units=5))
+                             gamma=0.9, write='key' if model == 'mann_key' else 'add')
+                   if model != 'lstm' else mann.lstm(**TINY, units=5))
     weights = [w * 3 for w in init(1, dtype=tf.float64)]     # larger weights: saturating gates
     weights = [w + 0.1 for w in weights]                     # nonzero biases
     batch = tiny_sequence()
@@ -238,6 +242,39 @@ def test_configs_and_presets():
         configs.make_config('maml', preset='mann_omniglot_5way')
     with pytest.raises(ValueError, match='lr_mode'):
         configs.make_config('lstm', lr_mode='lslr')
+    assert (config['write'], config['optimizer'], config['outer_lr']) == ('add', 'adam', 1e-3)
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adam', 'rmsprop'\]"):
+        configs.make_config('mann', optimizer='sgd')
+    with pytest.raises(ValueError, match=r"write must be one of \['add', 'key'\]"):
+        configs.make_config('mann', write='erase')
+    with pytest.raises(ValueError, match=r"has no field\(s\) \['optimizer'\]"):
+        configs.make_config('maml', optimizer='rmsprop')
+
+
+def test_rmsprop_config_defaults_to_the_papers_rate_and_old_runs_read_as_adam_and_key(tmp_path):
+    rms = configs.make_config('mann', optimizer='rmsprop', data='synthetic', controller=4,
+                              memory_slots=4, memory_size=2, read_heads=1, image_shape=(4, 4, 1),
+                              n_way=3, k_shot=2, meta_batch=2)
+    assert rms['outer_lr'] == 1e-4
+    assert configs.make_config('mann', optimizer='rmsprop', outer_lr=3e-4)['outer_lr'] == 3e-4
+    # The learner takes RMSProp's first step: lr g / sqrt(0.05 g^2) = 4.47 lr in every entry
+    # with a gradient (Adam's first step would be lr).
+    learner = training.make_learner(rms, jit_compile=False)
+    state = learner.init(0)
+    sampler = training.make_sampler(synthetic_classes(), n_way=3, k_shot=2, q_query=0,
+                                    meta_batch=2, seed=0, sequences=True)
+    new, _ = learner.step(state, tuple(tf.constant(x) for x in sampler.batch(0)))
+    change = max(float(tf.reduce_max(tf.abs(a - b)))
+                 for a, b in zip(new['weights'], state['weights']))
+    assert change == pytest.approx(1e-4 / np.sqrt(0.05), rel=1e-3)
+    # A config stored before the fields existed: the MANN wrote keys and used Adam.
+    old = {k: v for k, v in configs.make_config('mann').items()
+           if k not in ('write', 'optimizer')}
+    (tmp_path / 'config.json').write_text(json.dumps(old))
+    stored = configs.read_config(tmp_path / 'config.json')
+    assert (stored['write'], stored['optimizer']) == ('key', 'adam')
+    (tmp_path / 'config.json').write_text(json.dumps(configs.make_config('maml')))
+    assert 'write' not in configs.read_config(tmp_path / 'config.json')
 
 
 def test_fifteen_class_preset_runs_the_papers_model_on_150_steps():
