@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 
 import benchmarks
-from functional_meta import choices, presets
+from functional_meta import choices, devices, presets
 
 FLAGS = flags.FLAGS
 
@@ -219,6 +219,18 @@ def define_device_flags(flag_values=FLAGS):
                       "slows ProtoNet's convolutions down).", flag_values=flag_values)
 
 
+def define_precision_flags(flag_values=FLAGS):
+    """``--precision``: the inputs of the network's matrix products and convolutions."""
+    flags.DEFINE_enum("precision", "float32", list(devices.PRECISIONS),
+                      "Inputs of the network's matrix products and convolutions. float32; or "
+                      "bfloat16: rounded to bfloat16 and multiplied with float32 accumulation, "
+                      "each result rounded to bfloat16 and cast back to float32 (batch-norm "
+                      "statistics, losses and the optimiser stay float32; meta-gradients move "
+                      "by several percent). float32 on CPU and GPU unless set "
+                      "(functional_meta.devices; docs/design.md, device choices).",
+                      flag_values=flag_values)
+
+
 def define_benchmark_flags(flag_values=FLAGS):
     """Steps, warm-up, profiler trace and JSON output of a benchmark run."""
     fv = flag_values
@@ -242,6 +254,7 @@ def define_flags(family, flag_values=FLAGS):
         define_protonet_flags(flag_values)
     define_data_flags(flag_values=flag_values)
     define_device_flags(flag_values)
+    define_precision_flags(flag_values)
     define_benchmark_flags(flag_values)
 
 

@@ -31,7 +31,7 @@ from absl import app, logging
 from benchmarks import report
 from benchmarks.flag_groups import FLAGS, config_from_flags
 from functional_meta import data as data_lib
-from functional_meta import distribute, episodes
+from functional_meta import devices, distribute, episodes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +130,10 @@ def choose_device(requested):
 
 
 def default_mode(family, device):
-    return "xla" if device == "gpu" or family == "maml" else "function"
+    """``'xla'`` where ``devices.default_jit`` compiles ``family``'s step for ``device``'s kind,
+    else ``'function'``."""
+    with devices.target(device):
+        return "xla" if devices.default_jit(family) else "function"
 
 
 def device_name(device):
@@ -257,7 +260,9 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
     config = config_from_flags(family, fv)
     device = choose_device(fv.device)
     mode = fv.mode or default_mode(family, device)
-    with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
+    # The step is traced (its first call) inside both blocks: the device's choices and the
+    # products' precision (functional_meta.devices).
+    with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"), devices.precision(fv.precision):
         next_batch, input_kind = input_batches(config, fv.data, fv.data_path, fv.seed)
         logging.info("reference matmul on %s", device)
         matmul, matmul_size = matmul_flops_per_s(device)
@@ -274,6 +279,7 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
         "benchmark": family, "preset": fv.preset,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "algorithm": algorithm, "mode": mode, "device": device, "device_name": device_name(device),
+        "precision": fv.precision,
         "tf_version": tf.__version__, "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "data": fv.data, "input": input_kind,

@@ -208,3 +208,15 @@ def test_protonet_gpu_form_equals_cpu_form_in_float64():
 
     for a, b in zip(on("cpu", loss_and_grads, weights), on("gpu", loss_and_grads, weights)):
         close(a, b)
+
+
+def test_precision_flag_and_default_modes_of_the_benchmarks():
+    from absl import flags
+
+    from benchmarks import flag_groups, runner
+    assert flag_groups.parse_flags("maml", []).precision == "float32"
+    assert flag_groups.parse_flags("protonet", ["--precision=bfloat16"]).precision == "bfloat16"
+    with pytest.raises(flags.Error, match="precision"):
+        flag_groups.parse_flags("maml", ["--precision=float16"])
+    assert [runner.default_mode(f, d) for f in ("maml", "protonet") for d in devices.KINDS] \
+        == ["xla", "xla", "function", "xla"]
