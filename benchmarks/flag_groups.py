@@ -75,10 +75,13 @@ def define_model_flags(family, flag_values=FLAGS):
     flags.DEFINE_enum("preset", DEFAULT_PRESET[family], names,
                       "Named configuration from functional_meta.presets. Every model, episode and "
                       "algorithm flag left unset takes the preset's value.", flag_values=fv)
-    flags.DEFINE_enum("net", None, ["conv4", "mlp"], "Network (default: the preset's).",
-                      flag_values=fv)
-    flags.DEFINE_integer("channels", None, "conv4 filters per block.", lower_bound=1,
-                         flag_values=fv)
+    flags.DEFINE_enum("net", None, [*presets.IMAGE_NETS, "mlp"], "Network (default: the "
+                      "preset's): conv4, resnet12 (ResNet-12 of MetaOptNet/TADAM, "
+                      "functional_meta.nets.resnet12) or mlp.", flag_values=fv)
+    flags.DEFINE_integer("channels", None, "conv4: filters per block; resnet12: the first "
+                         "block's width, the blocks being (c, 5c/2, 5c, 10c): 64 gives the "
+                         "published 64-160-320-640, 32 a narrower 32-80-160-320.",
+                         lower_bound=1, flag_values=fv)
     flags.DEFINE_enum("pool", None, ["stride", "max"],
                       "conv4 downsampling: stride-2 convolutions or 2x2 max pooling.",
                       flag_values=fv)
@@ -299,6 +302,11 @@ def config_from_flags(family, flag_values=FLAGS):
     if config["net"] == "conv4" and not {"channels", "pool"} <= set(config):
         raise ValueError(f"--net=conv4 needs --channels and --pool (preset {config['name']} "
                          f"has none)")
+    if config["net"] == "resnet12" and "channels" not in config:
+        raise ValueError(f"--net=resnet12 needs --channels (preset {config['name']} has none)")
+    if config["net"] == "resnet12" and _value(fv, "pool") is not None:
+        raise ValueError("--pool is conv4's downsampling; --net=resnet12 max-pools after every "
+                         "block")
     if config["net"] == "mlp" and "hidden" not in config:
         raise ValueError(f"--net=mlp needs --hidden (preset {config['name']} has none)")
     try:

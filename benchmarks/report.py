@@ -4,6 +4,7 @@ with ``--json``)."""
 import json
 
 from benchmarks.flag_groups import FLAGS
+from functional_meta import presets
 
 STALL_FRACTION = 0.1  # a step "stalls" when waiting for its input takes over this share of it
 
@@ -64,7 +65,8 @@ def format_report(r):
     c, ms = r["config"], 1e3
     shape = "x".join(map(str, c["image_shape"]))
     net = (f"conv4 {c['channels']} ch {c['pool']}" if c["net"] == "conv4"
-           else f"mlp {'-'.join(map(str, c['hidden']))}")
+           else f"resnet12 {'-'.join(map(str, presets.resnet12_widths(c['channels'])))}"
+           if c["net"] == "resnet12" else f"mlp {'-'.join(map(str, c['hidden']))}")
     algo = ", ".join(f"{k}={v}" for k, v in r["algorithm"].items())
     wait = r["input_wait_s"]
     rows = [

@@ -79,7 +79,16 @@ flags.DEFINE_float("augment_rotate", 0.0, "Image data: also rotate every trainin
                    "zero fill); 0 = none.", lower_bound=0)
 flags.DEFINE_float("augment_scale", 0.0, "Image data: also scale every training image by a random "
                    "factor in [1 - this, 1 + this]; 0 = none.", lower_bound=0)
-flags.DEFINE_integer("channels", None, "conv4 filters per block.", lower_bound=1)
+flags.DEFINE_enum("backbone", None, list(presets.IMAGE_NETS), "Image network of the episodic "
+                  "learners (stored as config.json's net): conv4 (the preset's) or resnet12 "
+                  "(ResNet-12 of TADAM/MetaOptNet: four residual blocks of three 3x3 "
+                  "convolutions, batch norm, leaky ReLU, max pooling; a 640-d embedding of "
+                  "28x28 images at --channels=64; ProtoNet's embedding or MAML's body with a "
+                  "dense head). Default: the preset's network.")
+flags.DEFINE_integer("channels", None, "Width: conv4's filters per block (e.g. 64, 128); "
+                     "resnet12's first block, the blocks being (c, 5c/2, 5c, 10c): 64 gives the "
+                     "published 64-160-320-640, 32 a narrower 32-80-160-320. Default: the "
+                     "preset's (64 for Omniglot).", lower_bound=1)
 flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
 flags.DEFINE_list("hidden", None, "MLP hidden layer widths, e.g. 40,40.")
 flags.DEFINE_list("domains", None, "Image styles to train across (functional_meta.domains "
@@ -139,6 +148,25 @@ flags.DEFINE_bool("plots", False, "Draw PNG figures in --out_dir at the end (nee
 
 
 
+@flags.multi_flags_validator(["backbone", "pool", "algorithm", "preset", "data"],
+                             "--backbone: conv4 or resnet12, on a preset with an image network "
+                             "(--pool is conv4's only)")
+def _check_backbone(values):
+    """Before TensorFlow loads: --backbone against the preset (--preset, or the one that
+    --algorithm and --data choose) and --pool."""
+    if values["backbone"] is None or values["algorithm"] is None:    # main asks for it
+        return True
+    if values["algorithm"] in configs.RL_ALGORITHMS:
+        raise flags.ValidationError(f"--backbone: --algorithm={values['algorithm']} trains a "
+                                    "policy MLP, not an image network")
+    preset = values["preset"] or configs.default_preset(values["algorithm"], values["data"])
+    try:
+        configs.check_backbone(values["backbone"], preset, values["pool"])
+    except ValueError as error:
+        raise flags.ValidationError(f"--backbone: {error}") from None
+    return True
+
+
 @flags.multi_flags_validator(["optimizer", "algorithm"],
                              "--optimizer applies to --algorithm=mann or lstm only")
 def _check_optimizer(values):
@@ -170,7 +198,7 @@ def config_from_flags():
                                      augment_scale=FLAGS.augment_scale,
                                      domains=FLAGS.domains, proximal_lambda=FLAGS.proximal_lambda,
                                      cg_steps=FLAGS.cg_steps, bn=FLAGS.bn or "transductive",
-                                     **overrides)
+                                     backbone=FLAGS.backbone, **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:

@@ -154,7 +154,7 @@ def _check_positive_float(config, *names):
 def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
                 lr_decay_every=0, lr_decay=0.5, augment_shift=0, augment_rotate=0.0,
                 augment_scale=0.0, domains=None, proximal_lambda=None, cg_steps=None,
-                bn="transductive", **overrides):
+                bn="transductive", backbone=None, **overrides):
     """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
     ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
     ``None`` overrides keep the preset's value.
@@ -179,6 +179,10 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     ``bn``: ``'transductive'`` (batch norm from the whole episode) or ``'support'`` (ProtoNet
     only: from the support set alone, as ``fm-eval --bn=support`` scores).
 
+    ``backbone``: the network of a preset with a convolutional one, stored as the config's
+    ``net``: ``'conv4'`` or ``'resnet12'`` (``nets.resnet12``, widths from ``channels`` by
+    ``presets.resnet12_widths``); ``None`` keeps the preset's.
+
     ``domains``: the training domains (``functional_meta.domains`` names, a list or a ','-joined
     string; default ``['clean']``), stored in canonical spelling. Episodic learners draw each
     episode within one of them.
@@ -195,6 +199,9 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     unknown = sorted(k for k, v in overrides.items() if k not in config and v is not None)
     if unknown:
         raise ValueError(f"preset {preset!r} has no field(s) {unknown}")
+    if backbone is not None:
+        check_backbone(backbone, preset, overrides.get("pool"))
+        config["net"] = backbone
     family = "protonet" if algorithm == "protonet" else "maml"
     if algorithm in SEQUENCE_ALGORITHMS:
         family = "mann"
@@ -241,6 +248,19 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     config["domains"] = domain_names(["clean"] if domains is None else domains)
     check_config(config)
     return json.loads(json.dumps(config))        # tuples -> lists: the same dict config.json holds
+
+
+def check_backbone(backbone, preset, pool=None):
+    """``ValueError`` naming ``backbone`` unless it is one of ``presets.IMAGE_NETS`` and ``preset``
+    has a convolutional network; naming ``pool`` (conv4's) if given with ``'resnet12'``."""
+    net = presets.PRESETS[preset]["net"]
+    if backbone not in presets.IMAGE_NETS or net not in presets.IMAGE_NETS:
+        raise ValueError(f"backbone must be one of {list(presets.IMAGE_NETS)} on a preset with a "
+                         f"convolutional network, got backbone={backbone!r} for preset={preset!r} "
+                         f"(net {net!r})")
+    if backbone == "resnet12" and pool is not None:
+        raise ValueError("pool is conv4's downsampling; backbone='resnet12' max-pools after every "
+                         "block")
 
 
 def check_config(config):
@@ -312,9 +332,9 @@ def check_config(config):
         gamma = config["gamma"]
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
             raise ValueError(f"gamma (the usage decay) must be in [0, 1], got {gamma!r}")
-    elif config["net"] == "conv4":
+    elif config["net"] in presets.IMAGE_NETS:
         check_positive_int(config, "channels")
-        if config["pool"] not in ("stride", "max"):
+        if config["net"] == "conv4" and config["pool"] not in ("stride", "max"):
             raise ValueError(f"pool must be 'stride' or 'max', got {config['pool']!r}")
     else:
         hidden = config.get("hidden") or []

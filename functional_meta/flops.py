@@ -8,10 +8,11 @@ is a slight underestimate of the arithmetic and a fair numerator for "achieved F
 with a matmul benchmark.
 
 Step counts are built from the per-example forward cost ``F = sum_l f_l`` of the layers and the
-cost ``f_1`` of the first layer, with the reverse-mode rule that is exact for products: each
-product ``y = x W`` gives, in the backward pass, one product of the same size per input that needs
-a gradient (``dx = dy W^T`` and ``dW = x^T dy``). The network's input (images, sinusoid inputs) is a
-constant, so the first layer's ``dx`` is never needed and is not counted (compiled graphs prune it).
+cost ``f_1`` of the layers that read the network's input (the first layer; for ResNet-12 also the
+first block's shortcut), with the reverse-mode rule that is exact for products: each product
+``y = x W`` gives, in the backward pass, one product of the same size per input that needs a
+gradient (``dx = dy W^T`` and ``dW = x^T dy``). The network's input (images, sinusoid inputs) is a
+constant, so those layers' ``dx`` is never needed and is not counted (compiled graphs prune it).
 
 - forward: ``F``;
 - gradient with respect to the weights (forward + backward): ``3F - f_1``;
@@ -39,6 +40,8 @@ XLA compiles for MAML and ProtoNet steps.
 
 import math
 
+from functional_meta import presets     # free of TensorFlow, as this module
+
 
 def conv4_layers(in_shape, channels, pool="stride", n_way=None, blocks=4):
     """Forward FLOPs per image of each product in ``nets.conv4``: the ``blocks`` 3x3 convolutions
@@ -59,6 +62,23 @@ def conv4_layers(in_shape, channels, pool="stride", n_way=None, blocks=4):
     return layers
 
 
+def resnet12_layers(in_shape, widths, n_way=None):
+    """Forward FLOPs per image of each product in ``nets.resnet12``, block by block: the three 3x3
+    convolutions at the block's input size ('SAME', stride 1: ``2 * 9 * C_in * C_out`` per pixel),
+    then the 1x1 shortcut (``2 * C_in * C_out`` per pixel); 2x2 pooling (floored) after each block;
+    then the dense head if ``n_way``."""
+    h, w, c_in = in_shape
+    layers = []
+    for width in widths:
+        pixels = h * w
+        layers += [2 * 9 * c_in * width * pixels, 2 * 9 * width * width * pixels,
+                   2 * 9 * width * width * pixels, 2 * c_in * width * pixels]
+        h, w, c_in = h // 2, w // 2, width
+    if n_way is not None:
+        layers.append(2 * h * w * c_in * n_way)
+    return layers
+
+
 def mlp_layers(sizes):
     """Forward FLOPs per example of each dense layer of ``nets.mlp(sizes)``: ``2 d_in d_out``."""
     return [2 * d_in * d_out for d_in, d_out in zip(sizes[:-1], sizes[1:])]
@@ -68,16 +88,25 @@ def network_layers(config):
     """Per-layer forward FLOPs per example of a preset's network, as ``presets.network`` builds it:
     MAML networks end in an ``n_way`` head (one output for regression), ProtoNet's are embeddings
     (a ProtoNet MLP's embedding is its last hidden layer)."""
-    protonet = config["family"] == "protonet"
+    head = None if config["family"] == "protonet" else config["n_way"]
     if config["net"] == "conv4":
-        return conv4_layers(tuple(config["image_shape"]), config["channels"], config["pool"],
-                            None if protonet else config["n_way"])
+        return conv4_layers(tuple(config["image_shape"]), config["channels"], config["pool"], head)
+    if config["net"] == "resnet12":
+        return resnet12_layers(tuple(config["image_shape"]),
+                               presets.resnet12_widths(config["channels"]), head)
     if config["net"] == "mlp":
         sizes = [math.prod(config["image_shape"]), *config["hidden"]]
-        if not protonet:
+        if head is not None:
             sizes.append(1 if config.get("loss") == "mse" else config["n_way"])
         return mlp_layers(sizes)
-    raise ValueError(f"unknown net {config['net']!r}; choose 'conv4' or 'mlp'")
+    raise ValueError(f"unknown net {config['net']!r}; choose 'conv4', 'resnet12' or 'mlp'")
+
+
+def input_layers(config):
+    """``f_1``: forward FLOPs per example of the products that read the network's input (their
+    input gradients are never computed): the first layer, and ResNet-12's first shortcut."""
+    layers = network_layers(config)
+    return layers[0] + (layers[3] if config["net"] == "resnet12" else 0)
 
 
 def forward(config):
@@ -87,14 +116,12 @@ def forward(config):
 
 def gradient(config):
     """FLOPs per example of a forward and backward pass to the weights: ``3F - f_1``."""
-    layers = network_layers(config)
-    return 3 * sum(layers) - layers[0]
+    return 3 * forward(config) - input_layers(config)
 
 
 def maml_step(config, *, first_order=False, multi_step_loss=False):
     """FLOPs of one MAML meta-training step on ``config['meta_batch']`` tasks (module docstring)."""
-    layers = network_layers(config)
-    total, first = sum(layers), layers[0]
+    total, first = forward(config), input_layers(config)
     steps = config["inner_steps"]
     grad = 3 * total - first                       # one forward + backward, per example
     inner = grad if first_order else grad + 6 * total - 4 * first

@@ -389,6 +389,38 @@ def check_bn_rows(bn_rows, n):
                          f"got {bn_rows!r}")
 
 
+def _conv_batch_norm(x, kernel, scale, offset, stride, bn_rows):
+    """3x3 'SAME' convolution of ``x [T, n, H, W, C]`` then batch norm (statistics of each task's
+    first ``bn_rows`` images, or of all with ``None``), by the cheapest exact path: from the
+    patches' covariance for inputs with at most ``FEW_CHANNELS`` channels."""
+    if bn_rows is not None:
+        return _batch_norm_from_rows(_conv3x3(x, kernel, stride), scale, offset, bn_rows)
+    if x.shape[-1] <= FEW_CHANNELS:
+        return _conv_batch_norm_from_patches(x, kernel, scale, offset, stride)
+    return _batch_norm(_conv3x3(x, kernel, stride), scale, offset)
+
+
+def _max_pool(x):
+    """2x2 max pooling with stride 2 ('VALID': an odd last row or column is dropped) of
+    ``x [T, n, H, W, C]``."""
+    t, n = x.shape[:2]
+    y = tf.nn.max_pool2d(tf.reshape(x, [t * n] + x.shape[2:]), 2, 2, "VALID")
+    return tf.reshape(y, [t, n] + y.shape[1:])
+
+
+def _image_tasks(x, dtype, in_shape, bn_rows, name):
+    """``x`` as ``[T, n, *in_shape]`` of ``dtype`` and whether it came without a task axis;
+    ``ValueError`` naming the network ``name`` for other image shapes or a bad ``bn_rows``."""
+    x = tf.convert_to_tensor(x, dtype)
+    single = x.shape.rank == 4
+    if single:
+        x = x[None]
+    if tuple(x.shape[2:]) != tuple(in_shape):
+        raise ValueError(f"{name} expects images of shape {tuple(in_shape)}, got {x.shape[2:]}")
+    check_bn_rows(bn_rows, x.shape[1])
+    return x, single
+
+
 def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4):
     """The 4-block CNN of MAML and Prototypical Networks.
 
@@ -435,29 +467,105 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
         return weights
 
     def apply(weights, x, bn_rows=None):
-        x = tf.convert_to_tensor(x, weights[0].dtype)
-        single = x.shape.rank == 4
-        if single:
-            x = x[None]
-        if tuple(x.shape[2:]) != tuple(in_shape):
-            raise ValueError(f"conv4 expects images of shape {tuple(in_shape)}, got {x.shape[2:]}")
-        check_bn_rows(bn_rows, x.shape[1])
+        x, single = _image_tasks(x, weights[0].dtype, in_shape, bn_rows, "conv4")
         for b in range(blocks):
             kernel, scale, offset = weights[3 * b:3 * b + 3]
-            stride = 2 if pool == "stride" else 1
-            if bn_rows is not None:
-                x = _batch_norm_from_rows(_conv3x3(x, kernel, stride), scale, offset, bn_rows)
-            elif x.shape[-1] <= FEW_CHANNELS:
-                x = _conv_batch_norm_from_patches(x, kernel, scale, offset, stride)
-            else:
-                x = _batch_norm(_conv3x3(x, kernel, stride), scale, offset)
+            x = _conv_batch_norm(x, kernel, scale, offset, 2 if pool == "stride" else 1, bn_rows)
             if pool == "max":
                 # Pooling before the ReLU: max and ReLU commute (both are monotone), with the same
                 # gradients, and the ReLU then passes over a quarter of the values.
-                t, n = x.shape[:2]
-                y = tf.nn.max_pool2d(tf.reshape(x, [t * n] + x.shape[2:]), 2, 2, "VALID")
-                x = tf.reshape(y, [t, n] + y.shape[1:])
+                x = _max_pool(x)
             x = tf.nn.relu(x)
+        x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
+        if n_way is not None:
+            x = _dense(x, weights[-2], weights[-1])
+        return x[0] if single else x
+
+    init.embedding_size = embedding_size
+    return init, apply
+
+
+# ResNet-12's widths in MetaOptNet (Lee et al. 2019) and TADAM (Oreshkin et al. 2018).
+RESNET12_WIDTHS = (64, 160, 320, 640)
+LEAKY_SLOPE = 0.1
+
+
+def _conv1x1(x, kernel):
+    """1x1 convolution of ``x [T, n, H, W, C]`` with a shared ``[1, 1, C, O]`` or per-task
+    ``[T, 1, 1, C, O]`` kernel (one matrix product per task, as ``_conv3x3``'s patches)."""
+    t, n, h, w, c = x.shape
+    if kernel.shape.rank == 4:
+        y = _conv2d(tf.reshape(x, [t * n, h, w, c]), kernel, 1, "VALID")
+        return tf.reshape(y, [t, n, h, w, kernel.shape[-1]])
+    y = _task_matmul(tf.reshape(x, [t, n * h * w, c]), kernel)
+    return tf.reshape(y, [t, n, h, w, kernel.shape[-1]])
+
+
+def resnet12(n_way=None, widths=RESNET12_WIDTHS, in_shape=(28, 28, 1)):
+    """ResNet-12, the few-shot backbone of TADAM and MetaOptNet: four residual blocks.
+
+    Block ``b`` of width ``widths[b]``: three 3x3 'SAME' convolutions (stride 1), each followed
+    by batch norm (as ``conv4``: the current batch's statistics, learnable scale and offset), the
+    first two by a leaky ReLU of slope 0.1; a shortcut, 1x1 convolution and batch norm of the
+    block's input, is added to the third; then leaky ReLU and 2x2 max pooling ('VALID': odd sizes
+    are floored). No DropBlock or dropout: ``apply`` is a deterministic function of its inputs.
+    The embedding is the flattened last map: ``widths[-1]`` features at 1x1 for 28x28 Omniglot
+    images (28 -> 14 -> 7 -> 3 -> 1), 5x5 for 84x84 ones. With ``n_way`` a dense head gives
+    logits (MAML); ``n_way=None`` returns the embedding (ProtoNet).
+
+    Weights, in order: for each block ``kernel1 (3,3,C_in,W), scale1 (W,), offset1 (W,),
+    kernel2 (3,3,W,W), scale2, offset2, kernel3 (3,3,W,W), scale3, offset3, shortcut_kernel
+    (1,1,C_in,W), shortcut_scale, shortcut_offset``; then, with a head, ``w (D, n_way), b (n_way,)``.
+    No convolution biases (batch norm's offsets make them redundant). Any weight may carry a
+    leading task axis, and ``bn_rows`` normalises with each task's first ``bn_rows`` images only,
+    both as in ``conv4``.
+
+    Example: ``init, apply = resnet12(None, widths=(32, 80, 160, 320))`` is a narrower embedding;
+    ``apply(init(0), images)`` with ``images [n, 28, 28, 1]`` gives ``[n, 320]``.
+    """
+    widths = tuple(widths)
+    if len(widths) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                               for w in widths):
+        raise ValueError(f"widths must be four positive ints (one per block), got {widths}")
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ValueError(f"in_shape must be (height, width, channels), got {in_shape}")
+    if n_way is not None and n_way < 1:
+        raise ValueError(f"n_way must be positive or None, got {n_way}")
+    h, w = in_shape[0] // 16, in_shape[1] // 16          # four floored halvings
+    if h < 1 or w < 1:
+        raise ValueError(f"in_shape {tuple(in_shape)} is too small for resnet12's four 2x2 "
+                         "poolings (at least 16x16)")
+    embedding_size = h * w * widths[-1]
+
+    def init(seed, dtype=tf.float32):
+        _check_seed(seed)
+        weights, c_in, index = [], in_shape[2], 0
+        for width in widths:
+            c = c_in
+            for _ in range(3):
+                weights += [_glorot(seed, index, [3, 3, c, width], 9 * c, 9 * width, dtype),
+                            tf.ones([width], dtype), tf.zeros([width], dtype)]
+                c, index = width, index + 1
+            weights += [_glorot(seed, index, [1, 1, c_in, width], c_in, width, dtype),
+                        tf.ones([width], dtype), tf.zeros([width], dtype)]
+            c_in, index = width, index + 1
+        if n_way is not None:
+            weights += [_glorot(seed, index, [embedding_size, n_way], embedding_size, n_way,
+                                dtype), tf.zeros([n_way], dtype)]
+        return weights
+
+    def apply(weights, x, bn_rows=None):
+        x, single = _image_tasks(x, weights[0].dtype, in_shape, bn_rows, "resnet12")
+        for b in range(len(widths)):
+            k1, s1, o1, k2, s2, o2, k3, s3, o3, kc, sc, oc = weights[12 * b:12 * b + 12]
+            y = tf.nn.leaky_relu(_conv_batch_norm(x, k1, s1, o1, 1, bn_rows), LEAKY_SLOPE)
+            y = tf.nn.leaky_relu(_conv_batch_norm(y, k2, s2, o2, 1, bn_rows), LEAKY_SLOPE)
+            shortcut = _conv1x1(x, kc)
+            shortcut = (_batch_norm(shortcut, sc, oc) if bn_rows is None
+                        else _batch_norm_from_rows(shortcut, sc, oc, bn_rows))
+            # Pooling before the leaky ReLU, as conv4 does: both are monotone, so they commute.
+            y = _max_pool(_conv_batch_norm(y, k3, s3, o3, 1, bn_rows) + shortcut)
+            x = tf.nn.leaky_relu(y, LEAKY_SLOPE)
         x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
         if n_way is not None:
             x = _dense(x, weights[-2], weights[-1])

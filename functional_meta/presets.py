@@ -8,8 +8,9 @@ networks (Santoro et al. 2016, Section 4).
 
 import math
 
-# Fields: net ('conv4' | 'mlp'), channels, pool, image_shape, hidden (mlp), n_way, k_shot, q_query,
-# meta_batch, inner_steps, test_inner_steps, inner_lr, outer_lr, loss, data.
+# Fields: net ('conv4' | 'mlp'; any conv4 preset also takes 'resnet12'), channels, pool (conv4),
+# image_shape, hidden (mlp), n_way, k_shot, q_query, meta_batch, inner_steps, test_inner_steps,
+# inner_lr, outer_lr, loss, data.
 PRESETS = {
     # MAML Omniglot 5-way: stride-2 conv4, 64 filters, meta-batch 32, one step with alpha 0.4.
     "maml_omniglot_5way": dict(
@@ -81,6 +82,18 @@ PRESETS = {
 }
 
 
+# The convolutional networks of image configs. A config's ``channels`` sets the width: conv4's
+# filters per block; ResNet-12's first block, the others in MetaOptNet's proportions
+# (``resnet12_widths``).
+IMAGE_NETS = ("conv4", "resnet12")
+
+
+def resnet12_widths(channels):
+    """ResNet-12's block widths for ``channels``: ``(c, 5c // 2, 5c, 10c)``, MetaOptNet's and
+    TADAM's (64, 160, 320, 640) for 64; 32 gives a narrower (32, 80, 160, 320)."""
+    return (channels, 5 * channels // 2, 5 * channels, 10 * channels)
+
+
 def get(name, **overrides):
     """A copy of preset ``name`` with ``overrides`` applied (``None`` values are ignored)."""
     if name not in PRESETS:
@@ -105,14 +118,16 @@ def network(config, n_way=None):
                          write=config.get("write", "key"))
     if config["net"] == "lstm":
         return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"])
-    if config["net"] == "conv4":
+    if config["net"] in IMAGE_NETS:
         head = None if config["family"] == "protonet" else way
-        return nets.conv4(head, channels=config["channels"], in_shape=tuple(config["image_shape"]),
-                          pool=config["pool"])
+        shape = tuple(config["image_shape"])
+        if config["net"] == "resnet12":
+            return nets.resnet12(head, widths=resnet12_widths(config["channels"]), in_shape=shape)
+        return nets.conv4(head, channels=config["channels"], in_shape=shape, pool=config["pool"])
     if config["net"] == "mlp":
         shape = tuple(config["image_shape"])
         if config["family"] == "protonet":      # an embedding: the last hidden layer, no head
             return nets.mlp([math.prod(shape), *config["hidden"]], in_shape=shape)
         out = 1 if config.get("loss") == "mse" else way
         return nets.mlp([math.prod(shape), *config["hidden"], out], in_shape=shape)
-    raise ValueError(f"unknown net {config['net']!r}; choose 'conv4' or 'mlp'")
+    raise ValueError(f"unknown net {config['net']!r}; choose one of {list(IMAGE_NETS) + ['mlp']}")
