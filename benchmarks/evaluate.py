@@ -73,6 +73,18 @@ flags.DEFINE_string("save_episodes", None, "Also write the episodes sampled here
                     "for --episodes.")
 
 
+flags.DEFINE_integer("finetune_steps", 0, "ProtoNet: before scoring each episode, fine-tune the "
+                     "embedding and a linear head initialised from the prototypes (Proto-MAML: "
+                     "W = 2c, b = -|c|^2, ProtoNet's euclidean scores) for this many gradient "
+                     "steps on the cross-entropy of the support set and its --tta views, the only "
+                     "labelled data of an episode (1-shot support images sit on their prototypes: "
+                     "use --tta>1 there). Inductive with --bn=support. 0 = none.", lower_bound=0)
+flags.DEFINE_float("finetune_lr", 0.01, "ProtoNet: rate of the --finetune_steps gradient steps.",
+                   lower_bound=0)
+flags.DEFINE_integer("tta", 1, "ProtoNet: test-time augmentation, prototypes averaged over the "
+                     "support set's first N fixed views: identity, shifts by one pixel down, "
+                     "up, right, left, rotations by +10 and -10 degrees, scalings by 0.9 and "
+                     "1.1 (1 = the images alone, plain ProtoNet).", lower_bound=1, upper_bound=9)
 flags.DEFINE_string("plot_dir", None, "MAML-RL checkpoints: write returns.csv (the printed "
                     "returns), returns.png (return against policy-gradient steps, every "
                     "checkpoint and the random policy) and, for navigation2d, trajectories.png "
@@ -111,6 +123,20 @@ def _inner_steps(config):
     return sorted({1, steps}) if config["loss"] == "mse" else [steps]
 
 
+def _adapt():
+    """ProtoNet's test-time adaptation options (``training.make_evaluator``'s ``adapt``), or None."""
+    if not FLAGS.finetune_steps and FLAGS.tta == 1:
+        return None
+    return {"steps": FLAGS.finetune_steps, "lr": FLAGS.finetune_lr, "views": FLAGS.tta}
+
+
+def _adapt_words(adapt):
+    if not adapt:
+        return ""
+    tuned = f", fine-tuned {adapt['steps']} steps at {adapt['lr']:g}" if adapt["steps"] else ""
+    return tuned + f", {adapt['views']} support view{'s' * (adapt['views'] != 1)}"
+
+
 def _bn(config):
     """--bn, else how the checkpoint was trained (``config['bn']``)."""
     return FLAGS.bn or config.get("bn", "transductive")
@@ -130,6 +156,7 @@ def _report(name, result, settings):
           f"{settings['num_episodes']} episodes, {where}, {source}"
           + (f", {steps} inner step{'s' * (steps != 1)}" if steps else "")
           + (f", {settings['bn']} batch norm" if settings.get("bn") else "")
+          + _adapt_words(settings.get("adapt"))
           + (f", test domain {settings['test_domain']}"
              if settings.get("test_domain", "clean") != "clean" else "") + ")")
     if FLAGS.json:
@@ -250,14 +277,14 @@ def main(argv):
             try:
                 evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
                                                     n_way=n_way, jit_compile=FLAGS.jit,
-                                                    bn=_bn(config))
+                                                    bn=_bn(config), adapt=_adapt())
             except ValueError as error:
                 raise app.UsageError(f"bad flags: {error}") from None
             result = training.evaluate(evaluator, state, sampler, num_episodes)
             name = f"{config['algorithm']} {found} (step {info['step']})"
             _report(name, result, dict(settings, method="model", algorithm=config["algorithm"],
                                        checkpoint=found, step=info["step"], inner_steps=steps,
-                                       bn=None if sequence else _bn(config)))
+                                       bn=None if sequence else _bn(config), adapt=_adapt()))
             if sequence:
                 _report_instances(result)
                 curves[f"{config['algorithm']} (step {info['step']})"] = result
@@ -416,7 +443,7 @@ def _score_fixed(paths, stored):
             try:
                 evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
                                                     n_way=way, jit_compile=FLAGS.jit,
-                                                    bn=_bn(config))
+                                                    bn=_bn(config), adapt=_adapt())
             except ValueError as error:
                 raise app.UsageError(f"--episodes={FLAGS.episodes} holds {way}-way episodes: "
                                      f"{error}") from None
@@ -424,7 +451,7 @@ def _score_fixed(paths, stored):
             _report_fixed(f"{config['algorithm']} {found} (step {info['step']})", values, runs,
                           lake, dict(method="model", algorithm=config["algorithm"],
                                      checkpoint=found, step=info["step"], inner_steps=steps,
-                                     bn=_bn(config)))
+                                     bn=_bn(config), adapt=_adapt()))
 
 
 def _report_fixed(name, values, runs, lake, settings):
