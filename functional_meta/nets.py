@@ -421,6 +421,15 @@ def _image_tasks(x, dtype, in_shape, bn_rows, name):
     return x, single
 
 
+def _flat_output(x, weights, embedding_size, n_way, single):
+    """The feature maps ``x [T, n, ...]`` flattened to ``[T, n, embedding_size]``, then with
+    ``n_way`` the dense head's logits (the last two weights); no task axis if ``single``."""
+    x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
+    if n_way is not None:
+        x = _dense(x, weights[-2], weights[-1])
+    return x[0] if single else x
+
+
 def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4):
     """The 4-block CNN of MAML and Prototypical Networks.
 
@@ -476,10 +485,7 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
                 # gradients, and the ReLU then passes over a quarter of the values.
                 x = _max_pool(x)
             x = tf.nn.relu(x)
-        x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
-        if n_way is not None:
-            x = _dense(x, weights[-2], weights[-1])
-        return x[0] if single else x
+        return _flat_output(x, weights, embedding_size, n_way, single)
 
     init.embedding_size = embedding_size
     return init, apply
@@ -566,10 +572,7 @@ def resnet12(n_way=None, widths=RESNET12_WIDTHS, in_shape=(28, 28, 1)):
             # Pooling before the leaky ReLU, as conv4 does: both are monotone, so they commute.
             y = _max_pool(_conv_batch_norm(y, k3, s3, o3, 1, bn_rows) + shortcut)
             x = tf.nn.leaky_relu(y, LEAKY_SLOPE)
-        x = tf.reshape(x, [x.shape[0], x.shape[1], embedding_size])
-        if n_way is not None:
-            x = _dense(x, weights[-2], weights[-1])
-        return x[0] if single else x
+        return _flat_output(x, weights, embedding_size, n_way, single)
 
     init.embedding_size = embedding_size
     return init, apply
