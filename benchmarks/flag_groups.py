@@ -3,11 +3,11 @@
 Flags come in groups, each defined by one function so any binary takes the groups it needs:
 ``define_model_flags`` (preset and network), ``define_episode_flags`` (way, shot, query,
 meta-batch), ``define_maml_flags`` / ``define_protonet_flags`` (the algorithm),
-``define_data_flags``, ``define_device_flags`` and ``define_benchmark_flags``. Every model,
-episode and algorithm flag defaults to ``None``, meaning "the preset's value";
-``config_from_flags`` resolves the preset with the flags that were given. Each function takes
-``flag_values`` (default: the global ``FLAGS``), so a sweep can parse and validate a binary's
-flags into a private ``flags.FlagValues`` without running it (``parse_flags``).
+``define_data_flags``, ``define_device_flags``, ``define_benchmark_flags`` and
+``define_export_flags``. Every model, episode and algorithm flag defaults to ``None``, meaning
+"the preset's value"; ``config_from_flags`` resolves the preset with the flags that were given.
+Each function takes ``flag_values`` (default: the global ``FLAGS``), so a sweep can parse and
+validate a binary's flags into a private ``flags.FlagValues`` without running it (``parse_flags``).
 
 Bad flags fail while parsing, before anything compiles: per-flag bounds and choices, and a
 validator on ``--preset`` that resolves the whole configuration and builds (but does not run) its
@@ -247,6 +247,42 @@ def define_benchmark_flags(flag_values=FLAGS):
                       "and every number, as the last line of stdout.", flag_values=fv)
 
 
+def define_export_flags(flag_values=FLAGS):
+    """``--export_hlo``: write the compiled step for other XLA runtimes instead of timing it."""
+    fv = flag_values
+    flags.DEFINE_string("export_hlo", None, "Instead of timing: call the XLA-compiled step once "
+                        "on the first batch and write it to this folder (functional_meta.export): "
+                        "its HLO before XLA's optimisation (proto and text; also a variant with "
+                        "every dot at float32 precision HIGHEST), its inputs in HLO parameter "
+                        "order (inputs.npz), TensorFlow's outputs (outputs.npz) and "
+                        "manifest.json. fm-xla-replay compiles and checks it with JAX.",
+                        flag_values=fv)
+    flags.DEFINE_enum("export_target", None, list(devices.KINDS), "--export_hlo: the device kind "
+                      "the step is traced for, whatever this machine has (functional_meta."
+                      "devices: e.g. gpu gives grouped convolutions and no kernel-gradient "
+                      "barriers). Default: the device the step would run on here.",
+                      flag_values=fv)
+
+    def check_export(values):
+        if values["export_hlo"] is None:
+            if values["export_target"] is not None:
+                raise flags.ValidationError("--export_target applies to --export_hlo only")
+            return True
+        if values["strategy"] != "none":
+            raise flags.ValidationError("--export_hlo exports the single-device step: leave "
+                                        f"--strategy=none, not {values['strategy']}")
+        if values["mode"] not in (None, "xla"):
+            raise flags.ValidationError("--export_hlo exports the XLA-compiled step: leave "
+                                        f"--mode unset or xla, not {values['mode']}")
+        if os.path.exists(values["export_hlo"]) and not os.path.isdir(values["export_hlo"]):
+            raise flags.ValidationError(f"--export_hlo={values['export_hlo']} is a file, not a "
+                                        "folder")
+        return True
+    flags.register_multi_flags_validator(["export_hlo", "export_target", "strategy", "mode"],
+                                         check_export,
+                                         flag_values=fv)
+
+
 def define_flags(family, flag_values=FLAGS):
     """Every flag of the ``family`` ('maml' | 'protonet') benchmark binary."""
     define_model_flags(family, flag_values)
@@ -259,6 +295,7 @@ def define_flags(family, flag_values=FLAGS):
     define_device_flags(flag_values)
     define_precision_flags(flag_values)
     define_benchmark_flags(flag_values)
+    define_export_flags(flag_values)
 
 
 def parse_flags(family, args):

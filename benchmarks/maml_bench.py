@@ -7,6 +7,7 @@ by default, --first_order, --lr_mode=metasgd|lslr, --msl, --recompute). Examples
   fm-maml-bench --preset=maml_miniimagenet --inner_steps=2 --first_order --json
   fm-maml-bench --device=cpu --mode=function --steps=50 --profile_dir=/tmp/trace
   fm-maml-bench --data=omniglot --data_path=images_background.zip
+  fm-maml-bench --export_hlo=/tmp/config_a --export_target=gpu   # for fm-xla-replay
 
 See benchmarks/runner.py for the method and functional_meta/flops.py for what FLOPs count.
 """
@@ -44,7 +45,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     benchmarks.start_tensorflow()
     from benchmarks import runner
-    runner.run_benchmark("maml", build_step)
+    if FLAGS.export_hlo:
+        runner.export_benchmark("maml", build_step)
+    else:
+        runner.run_benchmark("maml", build_step)
 
 
 def run():

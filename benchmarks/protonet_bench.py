@@ -6,6 +6,7 @@ Starts from a preset and overrides any field by flag. Examples:
   fm-protonet-bench                                 # protonet_omniglot, 60-way 5-shot
   fm-protonet-bench --preset=protonet_miniimagenet --n_way=20 --json
   fm-protonet-bench --device=cpu --mode=xla --meta_batch=4 --metric=cosine
+  fm-protonet-bench --n_way=5 --k_shot=1 --q_query=15 --export_hlo=/tmp/protonet_5way
 
 See benchmarks/runner.py for the method and functional_meta/flops.py for what FLOPs count.
 """
@@ -38,7 +39,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     benchmarks.start_tensorflow()
     from benchmarks import runner
-    runner.run_benchmark("protonet", build_step)
+    if FLAGS.export_hlo:
+        runner.export_benchmark("protonet", build_step)
+    else:
+        runner.run_benchmark("protonet", build_step)
 
 
 def run():

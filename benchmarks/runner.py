@@ -1,5 +1,6 @@
 """The benchmark runner shared by ``maml_bench`` and ``protonet_bench`` (which differ only in
-``build_step``), and its parts the reference binaries reuse: inputs, devices, timing.
+``build_step``), and its parts the reference binaries reuse: inputs, devices (the timing is
+``benchmarks.timing``'s).
 
 Method of ``run_benchmark(family, build_step)``:
 
@@ -30,6 +31,7 @@ from absl import app, logging
 
 from benchmarks import report
 from benchmarks.flag_groups import FLAGS, config_from_flags
+from benchmarks.timing import stats, time_steps, timed_call
 from functional_meta import data as data_lib
 from functional_meta import devices, distribute, episodes
 
@@ -187,65 +189,6 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 
-# ----------------------------------------------------------------------------------------------
-# Timing.
-
-def _stats(values):
-    values = np.asarray(values, np.float64)
-    q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return {"median": float(median), "min": float(values.min()), "max": float(values.max()),
-            "iqr": float(q3 - q1)}
-
-
-def _timed_call(step, state, next_batch):
-    """One call of ``step`` on ``next_batch()``, forced to the host with ``float(loss)``:
-    ``(state, loss, input wait in s, whole call in s)``."""
-    start = time.perf_counter()
-    batch = next_batch()
-    got = time.perf_counter()
-    state, metrics = step(state, batch)
-    loss = float(metrics["loss"])
-    return state, loss, got - start, time.perf_counter() - start
-
-
-def time_steps(step, state, next_batch, steps, warmup, profile_dir=None):
-    """Run ``step`` ``warmup + steps`` times, each forced to the host with ``float(loss)``.
-
-    Returns a dict: ``first_call_s`` (the first call: trace + compile + run), ``warmup_s`` (the
-    other warm-up calls), ``step_s`` (stats of the timed steps, input wait included) and
-    ``input_wait_s`` (stats of the time spent in ``next_batch()``), ``stalled_steps`` (steps whose
-    wait exceeded ``report.STALL_FRACTION`` of the step), ``loss``. With ``profile_dir``, three more steps
-    run under the TensorFlow profiler.
-    """
-    def one(state):
-        return _timed_call(step, state, next_batch)
-
-    logging.info("first call: trace + compile + run")
-    state, loss, _, first = one(state)
-    logging.info("first call took %.2f s; %d more warm-up call(s)", first, warmup - 1)
-    start = time.perf_counter()
-    for _ in range(warmup - 1):
-        state, loss, _, _ = one(state)
-    warm = time.perf_counter() - start
-    waits, times = [], []
-    report_every = max(1, steps // 5)
-    for i in range(steps):
-        state, loss, wait, took = one(state)
-        waits.append(wait)
-        times.append(took)
-        if (i + 1) % report_every == 0 or i + 1 == steps:
-            logging.info("timed step %d/%d: %.2f ms (loss %.4f)", i + 1, steps, took * 1e3, loss)
-    if profile_dir:
-        logging.info("profiling 3 more steps into %s", profile_dir)
-        tf.profiler.experimental.start(profile_dir)
-        for _ in range(3):
-            state, _, _, _ = one(state)
-        tf.profiler.experimental.stop()
-    stalled = sum(w > report.STALL_FRACTION * t for w, t in zip(waits, times))
-    return {"first_call_s": first, "warmup_s": warm, "step_s": _stats(times),
-            "input_wait_s": _stats(waits), "stalled_steps": int(stalled), "loss": loss}
-
-
 def run_benchmark(family, build_step, flag_values=FLAGS):
     """The benchmark of one configuration; prints the table and, with ``--json``, a JSON line.
 
@@ -299,6 +242,44 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
     return record
 
 
+def export_benchmark(family, build_step, flag_values=FLAGS):
+    """``--export_hlo``: the configuration's XLA-compiled step, traced for ``--export_target``
+    with ``--precision`` (``functional_meta.devices``), called once on its first batch and written to ``--export_hlo``
+    (``functional_meta.export``) instead of timed; prints a summary and, with ``--json``, a JSON
+    line. Returns the manifest."""
+    from functional_meta import export
+    fv = flag_values
+    os.makedirs(fv.export_hlo, exist_ok=True)               # a bad folder fails before compiling
+    config = config_from_flags(family, fv)
+    device = choose_device(fv.device)
+    target = fv.export_target or device
+    with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"), devices.target(target), \
+            devices.precision(fv.precision):
+        next_batch, input_kind = input_batches(config, fv.data, fv.data_path, fv.seed)
+        step, state, flops_per_step, algorithm = build_step(config, True, None)
+        logging.info("exporting the step, traced for %s, to %s", target, fv.export_hlo)
+        record = {"family": family, "preset": fv.preset, **config, "algorithm": algorithm,
+                  "precision": fv.precision, "data": fv.data, "input": input_kind,
+                  "seed": fv.seed, "flops_per_step": flops_per_step}
+        manifest = export.write(fv.export_hlo, step, state, next_batch(), config=record,
+                                target=target)
+    sizes = {v: info["proto_bytes"] for v, info in manifest["variants"].items()}
+    print(report.format_rows([
+        ("export", f"{fv.export_hlo}: {family} preset={fv.preset}, traced for {target}, "
+                   f"run here on {device}"),
+        ("arguments", f"{len(manifest['args'])} (inputs.npz), outputs {len(manifest['outputs'])} "
+                      f"(outputs.npz, TensorFlow {tf.__version__})"),
+        ("HLO", ", ".join(f"{v} {n / 1024:.0f} KiB" for v, n in sizes.items()) +
+                f"; custom calls: {manifest['variants']['default']['custom_calls'] or 'none'}"),
+        ("loss", f"{manifest['loss']:.6f} (first call {manifest['tf_first_call_s']:.2f} s: "
+                 f"trace + compile + run)"),
+    ]), flush=True)
+    if fv.json:
+        print(json.dumps({k: v for k, v in manifest.items() if k not in ("args", "outputs")}),
+              flush=True)
+    return manifest
+
+
 # Calls of each step in a row in ``time_interleaved``.
 INTERLEAVE_ROUND = 3
 
@@ -314,7 +295,7 @@ def time_interleaved(runs, next_batch, steps, warmup, per_round=INTERLEAVE_ROUND
     states = {name: state for name, (_, state) in runs.items()}
 
     def one(name):
-        states[name], loss, _, took = _timed_call(runs[name][0], states[name], next_batch)
+        states[name], loss, _, took = timed_call(runs[name][0], states[name], next_batch)
         return loss, took
 
     first, times, losses = {}, {name: [] for name in runs}, {}
@@ -329,5 +310,5 @@ def time_interleaved(runs, next_batch, steps, warmup, per_round=INTERLEAVE_ROUND
             for _ in range(min(per_round, steps - len(times[name]))):
                 losses[name], took = one(name)
                 times[name].append(took)
-    return {name: {"first_call_s": first[name], "step_s": _stats(times[name]),
+    return {name: {"first_call_s": first[name], "step_s": stats(times[name]),
                    "loss": losses[name]} for name in runs}

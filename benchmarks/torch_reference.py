@@ -9,6 +9,12 @@ fm-protonet-bench, started from the very same initial weights.
 
   fm-torch-reference --preset=maml_omniglot_5way                  # config A
   fm-torch-reference --preset=protonet_omniglot --n_way=5 --k_shot=1 --q_query=15
+  fm-torch-reference --from_export=/tmp/config_a --torch_device=cuda    # an export's step
+
+With ``--from_export`` (a folder written by fm-maml-bench or fm-protonet-bench --export_hlo) the
+configuration, initial weights and episodes are the export's, so this step and the exported one
+(fm-xla-replay) do the same work: the first step's loss must equal TensorFlow's (reported as
+``tf_loss``). That mode needs neither TensorFlow nor the library's networks.
 
 It computes the same functions as the library ('SAME' padding as TensorFlow pads it, batch norm
 with each task's own statistics, the embedding flattened in height-width-channel order), which
@@ -16,11 +22,12 @@ tests/test_torch_reference.py checks in float64 against ``maml.meta_gradients`` 
 loss and gradient. Needs PyTorch: ``pip install -e '.[reference]'``. Not used by the library.
 """
 
+import numpy as np
 from absl import app, flags
 
 import benchmarks
-from benchmarks import flag_groups, report
-from functional_meta import presets              # free of TensorFlow, as this module
+from benchmarks import flag_groups, report, timing
+from functional_meta import export, presets      # free of TensorFlow, as this module
 
 FLAGS = flags.FLAGS
 CONV4_PRESETS = sorted(name for name, c in presets.PRESETS.items() if c["net"] == "conv4")
@@ -42,6 +49,11 @@ def define_flags():
     flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 keeps PyTorch's default (one per "
                          "core).", lower_bound=0)
     flags.DEFINE_bool("json", False, "Also print one JSON line with the configuration and timings.")
+    flags.DEFINE_string("from_export", None, "Take the configuration, initial weights and "
+                        "episodes from this export (fm-maml-bench/fm-protonet-bench "
+                        "--export_hlo) instead of --preset and the episode flags; no TensorFlow "
+                        "needed.")
+    flags.DEFINE_string("torch_device", "cpu", "PyTorch device of the step: cpu, cuda, cuda:1, ...")
     flags.adopt_module_key_flags(flag_groups)      # --help lists the groups' flags too
 
 
@@ -54,27 +66,61 @@ def _torch():
     return torch
 
 
-def from_library_weights(weights):
-    """Torch leaf tensors (``requires_grad``) from a library conv4 weight list: kernels from
-    height-width-in-out to out-in-height-width, the head's ``[D, n]`` to ``[n, D]``."""
+def from_library_weights(weights, device="cpu"):
+    """Torch leaf tensors (``requires_grad``) on ``device`` from a library conv4 weight list
+    (tensors or numpy arrays): kernels from height-width-in-out to out-in-height-width, the head's
+    ``[D, n]`` to ``[n, D]``."""
     torch = _torch()
     out = []
     for w in weights:
-        t = torch.from_numpy(w.numpy().copy())
+        t = torch.from_numpy(np.array(w))
         if t.dim() == 4:
-            t = t.permute(3, 2, 0, 1).contiguous()
+            t = t.permute(3, 2, 0, 1)
         elif t.dim() == 2:
-            t = t.t().contiguous()
-        out.append(t.requires_grad_())
+            t = t.t()
+        out.append(t.contiguous().to(device).requires_grad_())
     return out
 
 
+def from_export(path, device="cpu"):
+    """``(config, params, batch, tf_loss)`` of an export (``functional_meta.export``): its
+    configuration, its initial weights as ``from_library_weights`` gives them, its episodes as
+    ``_episodes`` gives them (NCHW images, int64 labels) and TensorFlow's loss of its first step.
+    ``ValueError`` when the exported step is not one this binary computes."""
+    torch = _torch()
+    exp = export.read(path)
+    config = exp.manifest["config"]
+    algorithm = config.get("algorithm", {})
+    problems = [f"{name}={algorithm[name]!r}" for name, want in
+                (("order", "second"), ("lr_mode", "fixed"), ("msl", False), ("metric", "euclidean"))
+                if name in algorithm and algorithm[name] != want]
+    if config.get("net") != "conv4" or config.get("family") not in ("maml", "protonet"):
+        problems.append(f"{config.get('family')} with net={config.get('net')!r}")
+    if config.get("loss", "cross_entropy") != "cross_entropy":
+        problems.append(f"loss={config['loss']!r}")
+    if config.get("precision", "float32") != "float32":
+        problems.append(f"precision={config['precision']!r}")
+    if problems:
+        raise ValueError(f"{path}: the reference computes conv4 MAML (second order, fixed inner "
+                         f"rate, no multi-step loss) and euclidean ProtoNet in float32, not "
+                         f"{', '.join(problems)}")
+    params = from_library_weights(export.named(exp, "state/weights/").values(), device)
+    parts = list(export.named(exp, "batch/").values())
+    batch = tuple(torch.from_numpy(np.moveaxis(a, -1, -3).copy()).to(device) if i % 2 == 0
+                  else torch.from_numpy(a).long().to(device) for i, a in enumerate(parts))
+    config = dict(config, image_shape=tuple(config["image_shape"]))
+    return config, params, batch, exp.manifest["loss"]
+
+
 def _same_pad(x, stride):
-    """TensorFlow's 'SAME' padding of NCHW ``x`` (``nets._same_padding``: an odd total puts the
-    extra row or column at the bottom or right)."""
-    from functional_meta import nets
-    (_, rows), (_, cols) = (nets._same_padding(size, stride) for size in x.shape[2:])
-    return _torch().nn.functional.pad(x, cols + rows)       # F.pad lists the last axis first
+    """TensorFlow's 'SAME' padding of NCHW ``x`` for a 3x3 kernel: ``ceil(size / stride)``
+    outputs, an odd total putting the extra row or column at the bottom or right (as
+    ``nets._same_padding``, written out here so that the reference needs no TensorFlow)."""
+    pads = []
+    for size in reversed(x.shape[2:]):                      # F.pad lists the last axis first
+        total = max((-(-size // stride) - 1) * stride + 3 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return _torch().nn.functional.pad(x, pads)
 
 
 def conv4(params, x, pool):
@@ -138,11 +184,15 @@ def _episodes(config, generator):
     return (*part(config["k_shot"]), *part(config["q_query"]))
 
 
-def build_step(config, params):
-    """``step() -> loss``: one meta-training step with Adam (lr = the preset's outer rate)."""
+def build_step(config, params, batch=None):
+    """``step() -> loss``: one meta-training step with Adam (lr = the preset's outer rate) on
+    ``batch`` (default: ``_episodes`` of seed ``--seed``); the loss is that of the weights before
+    the step's update."""
     torch = _torch()
     optimizer = torch.optim.Adam(params, lr=config["outer_lr"])
-    batch = _episodes(config, torch.Generator().manual_seed(FLAGS.seed))
+    if batch is None:
+        batch = tuple(part.to(params[0].device) for part in
+                      _episodes(config, torch.Generator().manual_seed(FLAGS.seed)))
 
     def step():
         optimizer.zero_grad()
@@ -160,32 +210,72 @@ def build_step(config, params):
     return step
 
 
+def _torch_device(torch):
+    """The ``--torch_device``, checked (a ``UsageError`` naming the flag)."""
+    try:
+        device = torch.device(FLAGS.torch_device)
+    except RuntimeError as error:
+        raise app.UsageError(f"--torch_device={FLAGS.torch_device}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise app.UsageError(f"--torch_device={FLAGS.torch_device} but PyTorch sees no GPU")
+    return device
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     overrides = {name: FLAGS[name].value for name in
                  ("n_way", "k_shot", "q_query", "meta_batch", "inner_steps")}
-    if presets.PRESETS[FLAGS.preset]["family"] == "protonet" and overrides["inner_steps"]:
-        raise app.UsageError(f"--inner_steps is a MAML setting; --preset={FLAGS.preset} is ProtoNet")
     torch = _torch()
-    benchmarks.start_tensorflow()                # the library's initial weights
-    from benchmarks import runner
-    config = presets.get(FLAGS.preset, **{k: v for k, v in overrides.items() if k in
-                                          presets.PRESETS[FLAGS.preset]})
+    device = _torch_device(torch)
+    if FLAGS.from_export:
+        given = [f"--{name}" for name in ("preset", *overrides, "seed") if FLAGS[name].present]
+        if given:
+            raise app.UsageError(f"--from_export takes the configuration, weights and episodes "
+                                 f"from the export: drop {', '.join(given)}")
+        try:
+            config, params, batch, tf_loss = from_export(FLAGS.from_export, device)
+        except ValueError as error:
+            raise app.UsageError(f"--from_export: {error}") from None
+        preset = config.get("preset")
+    else:
+        if presets.PRESETS[FLAGS.preset]["family"] == "protonet" and overrides["inner_steps"]:
+            raise app.UsageError(f"--inner_steps is a MAML setting; --preset={FLAGS.preset} is "
+                                 "ProtoNet")
+        benchmarks.start_tensorflow()                # the library's initial weights
+        config = presets.get(FLAGS.preset, **{k: v for k, v in overrides.items() if k in
+                                              presets.PRESETS[FLAGS.preset]})
+        init, _ = presets.network(config)
+        params, batch, tf_loss, preset = from_library_weights(init(FLAGS.seed), device), None, \
+            None, FLAGS.preset
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
-    init, _ = presets.network(config)
-    step = build_step(config, from_library_weights(init(FLAGS.seed)))
+    step = build_step(config, params, batch)
+    losses = []
+
+    def timed_step(state, _):
+        losses.append(step())
+        return state, {"loss": losses[-1]}
     # The benchmarks' own timing (first call apart, median of the timed steps), so both sides of
     # a side-by-side pair are measured alike.
-    timing = runner.time_steps(lambda state, batch: (state, {"loss": step()}), None,
-                               lambda: None, FLAGS.steps, FLAGS.warmup)
+    timed = timing.time_steps(timed_step, None, lambda: None, FLAGS.steps, FLAGS.warmup)
+    extra, rows = {"torch_device": str(device)}, []
+    if device.type == "cuda":
+        where = f"on {torch.cuda.get_device_name(device)}"
+        extra.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
+                     matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                     cudnn_tf32=torch.backends.cudnn.allow_tf32)
+    else:
+        where = f"{torch.get_num_threads()} threads"
+    if tf_loss is not None:
+        extra.update(export=FLAGS.from_export, first_loss=losses[0], tf_loss=tf_loss)
+        rows.append(("first loss", f"{losses[0]:.6f} (TensorFlow's on the export: {tf_loss:.6f})"))
     report.report_reference(
         "torch_reference",
-        f"PyTorch {torch.__version__} reference, {FLAGS.preset} ({config['n_way']}-way "
+        f"PyTorch {torch.__version__} reference, {preset} ({config['n_way']}-way "
         f"{config['k_shot']}-shot {config['q_query']}-query, meta-batch {config['meta_batch']}), "
-        f"{torch.get_num_threads()} threads", config, timing,
-        torch_version=torch.__version__, threads=torch.get_num_threads())
+        f"{where}", config, timed, more_rows=rows, preset=preset,
+        torch_version=torch.__version__, threads=torch.get_num_threads(), **extra)
 
 
 def run():
