@@ -14,8 +14,10 @@ CPU). A ``tf.function`` keeps the graph of its first trace: build the step insid
 
 ``precision(name)`` chooses the inputs of the network's matrix products and convolutions:
 ``'float32'`` (the default on both) or ``'bfloat16'`` (float32 weights and activations rounded to
-bfloat16 at the inputs of the products, whose results are float32). float64 networks are never
-rounded: the exactness checks keep their precision whatever the setting.
+bfloat16 at the inputs of the products, which accumulate in float32; each result is rounded to
+bfloat16 and cast back to float32, so batch-norm statistics, losses and the optimiser stay
+float32). float64 networks are never rounded: the exactness checks keep their precision whatever
+the setting.
 
 This module imports TensorFlow only when a function needs it, so that the binaries' flags can
 offer and check ``KINDS`` and ``PRECISIONS`` before TensorFlow loads.
@@ -44,6 +46,7 @@ CHOICES = {
 
 _target = contextvars.ContextVar("functional_meta_devices_target", default=None)
 _precision = contextvars.ContextVar("functional_meta_devices_precision", default="float32")
+_changes = contextvars.ContextVar("functional_meta_devices_changes", default={})
 
 
 def check_kind(name):
@@ -81,6 +84,21 @@ def precision(name):
         _precision.reset(token)
 
 
+@contextlib.contextmanager
+def changed(**choices):
+    """The target's ``Choices`` with some changed, for steps traced inside this block: to measure
+    one choice against another (``with devices.changed(patches=False): ...``)."""
+    unknown = sorted(set(choices) - set(Choices._fields))
+    if unknown:
+        raise ValueError(f"unknown device choices {unknown}; the choices are "
+                         f"{list(Choices._fields)}")
+    token = _changes.set({**_changes.get(), **choices})
+    try:
+        yield
+    finally:
+        _changes.reset(token)
+
+
 def kind():
     """``'cpu'`` or ``'gpu'``: the device kind the current trace is for (module docstring)."""
     forced = _target.get()
@@ -95,8 +113,8 @@ def kind():
 
 
 def choices():
-    """The ``Choices`` of the current target (``kind()``)."""
-    return CHOICES[kind()]
+    """The ``Choices`` of the current target (``kind()``), with any ``changed`` block's changes."""
+    return CHOICES[kind()]._replace(**_changes.get())
 
 
 def compute_dtype(dtype):

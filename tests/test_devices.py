@@ -47,6 +47,9 @@ def test_bad_kind_and_precision_are_named():
     with pytest.raises(ValueError, match=r"precision must be one of \['float32', 'bfloat16'\]"):
         with devices.precision("float16"):
             pass
+    with pytest.raises(ValueError, match=r"unknown device choices \['im2col'\]; the choices are"):
+        with devices.changed(im2col=False):
+            pass
 
 
 def test_kind_follows_the_target_and_the_placement():
@@ -57,6 +60,9 @@ def test_kind_follows_the_target_and_the_placement():
         with devices.target("cpu"):
             assert devices.kind() == "cpu"
         assert devices.kind() == "gpu"
+        with devices.changed(patches=True):
+            assert devices.choices() == devices.CHOICES["gpu"]._replace(patches=True)
+        assert devices.choices() == devices.CHOICES["gpu"]
     assert devices.kind() == visible
     with tf.device("/CPU:0"):
         assert devices.kind() == "cpu"
@@ -99,7 +105,8 @@ def directional_check(f, grads, weights, rng, directions=2, eps=1e-6):
     for _ in range(5 * directions):
         v = [tf.constant(rng.normal(size=w.shape)) for w in weights]
         estimates = [(f([w + e * d for w, d in zip(weights, v)])
-                      - f([w - e * d for w, d in zip(weights, v)])) / (2 * e) for e in (eps, eps / 10)]
+                      - f([w - e * d for w, d in zip(weights, v)])) / (2 * e)
+                     for e in (eps, eps / 10)]
         analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, v))
         scale = max(abs(analytic), 1e-3)
         if abs(estimates[0] - estimates[1]) > 1e-6 * scale:
@@ -111,11 +118,13 @@ def directional_check(f, grads, weights, rng, directions=2, eps=1e-6):
     raise AssertionError("too few smooth directions to check")
 
 
+@pytest.mark.slow
 def test_gpu_graph_gives_the_cpu_meta_gradient_and_matches_finite_differences():
     """Second order through a MAML inner step in float64: the GPU graph (grouped convolutions,
-    plain kernel gradients) compiled on this CPU equals the CPU graph (patches, barrier, wide
-    products) and the eager CPU form, and matches central differences of its own meta-loss.
-    (Stride-2 blocks: XLA has no float64 second derivative of max pooling.)"""
+    plain kernel gradients) compiled on this CPU equals the CPU form (patches; eager, which
+    tests/test_maml.py checks against the CPU graph's barrier and wide products under XLA) and
+    matches central differences of its own meta-loss. (Stride-2 blocks: XLA has no float64
+    second derivative of max pooling.)"""
     init, apply = tiny_net()
     weights, batch = init(0, F64), tasks(t=2)
     kw = dict(inner_lr=0.4, inner_steps=1)
@@ -123,16 +132,14 @@ def test_gpu_graph_gives_the_cpu_meta_gradient_and_matches_finite_differences():
     def meta(w):
         return maml.meta_gradients(apply, w, batch, **kw)
 
-    results = {kind: on(kind, tf.function(meta, jit_compile=True), weights)
-               for kind in devices.KINDS}
-    results["cpu eager"] = on("cpu", meta, weights)
-    for name in ("gpu", "cpu eager"):
-        close(results[name][0], results["cpu"][0])
-        for a, b in zip(results[name][1], results["cpu"][1]):
-            close(a, b, atol=1e-11)
+    gpu_loss, gpu_grads = on("gpu", tf.function(meta, jit_compile=True), weights)
+    cpu_loss, cpu_grads = on("cpu", meta, weights)
+    close(gpu_loss, cpu_loss)
+    for a, b in zip(gpu_grads, cpu_grads):
+        close(a, b, atol=1e-11)
     with devices.target("gpu"):
         loss = tf.function(lambda w: maml.meta_loss(apply, w, batch, **kw)[0], jit_compile=True)
-        directional_check(lambda w: float(loss(w)), results["gpu"][1], weights,
+        directional_check(lambda w: float(loss(w)), gpu_grads, weights,
                           np.random.default_rng(2))
 
 
@@ -186,10 +193,9 @@ def test_bfloat16_products_are_off_by_default_and_within_tolerance_of_float32():
 
 
 def test_bfloat16_setting_leaves_float64_untouched():
-    for kind in devices.KINDS:
-        plain = step_hlo(kind, dtype=F64)
-        assert step_hlo(kind, precision="bfloat16", dtype=F64) == plain
-        assert "bf16" not in plain
+    # The GPU graph: its convolutions and the head's products go through the precision setting.
+    plain = step_hlo("gpu", dtype=F64)
+    assert step_hlo("gpu", precision="bfloat16", dtype=F64) == plain and "bf16" not in plain
 
 
 def test_protonet_gpu_form_equals_cpu_form_in_float64():
