@@ -15,7 +15,8 @@ PyTorch sees a GPU), one process each under a per-process timeout and a total bu
 (``--budget_s``, default 280 s, the check being meant to finish under 5 minutes). It writes
 ``--json_out`` (default ``DIR/gpu_check.json``): every process's JSON record, or why it has none,
 and per export the ratio of PyTorch's median step time to XLA's. Exit status 1 when a replay
-disagreed with TensorFlow's outputs or a process failed.
+disagreed with TensorFlow's outputs or a process failed. A CPU replays a step traced for a GPU
+slowly (its per-task convolutions are grouped convolutions); ``--target=cpu`` exports CPU graphs.
 """
 
 import importlib.util
