@@ -10,7 +10,6 @@ choice costs on a CPU, not what it gains on a GPU. Example:
   python -m benchmarks.device_ab --variants=base,no_barrier,whole_batch,bfloat16 --steps=15
 """
 
-import csv
 import os
 import time
 
@@ -47,7 +46,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     tf = benchmarks.start_tensorflow()
-    from benchmarks import runner
+    from benchmarks import report, runner
     from functional_meta import devices, maml, presets, training
 
     config = presets.get(FLAGS.preset)
@@ -88,12 +87,7 @@ def main(argv):
                      "device": runner.device_name(devices.kind())})
         print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     if FLAGS.output:
-        new = not os.path.exists(FLAGS.output)
-        with open(FLAGS.output, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        report.append_csv(FLAGS.output, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ at a time, and reports each against the first (the cost per inner step):
   python -m benchmarks.inner_loop_ab --runs=unrolled:1,looped:10,looped:40 --steps=4 --warmup=1
 """
 
-import csv
 import os
 
 from absl import app, flags
@@ -37,7 +36,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import tensorflow as tf
 
-    from benchmarks import runner
+    from benchmarks import report, runner
     from functional_meta import maml, presets, training
 
     def build(mode, inner_steps):
@@ -88,12 +87,7 @@ def main(argv):
                   f"(min {row['step_min_s'] * 1e3:.1f}, max {row['step_max_s'] * 1e3:.1f})  "
                   f"x{row['step_median_s'] / base:.3f}", flush=True)
         if FLAGS.output:
-            new = not os.path.exists(FLAGS.output)
-            with open(FLAGS.output, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                if new:
-                    writer.writeheader()
-                writer.writerows(rows[-len(FLAGS.modes):])
+            report.append_csv(FLAGS.output, rows[-len(FLAGS.modes):])
 
 
 def run():

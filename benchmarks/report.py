@@ -1,7 +1,9 @@
 """The benchmarks' report: a run's record as the table the binaries print (and the JSON line
 with ``--json``)."""
 
+import csv
 import json
+import os
 
 from benchmarks.flag_groups import FLAGS
 from functional_meta import presets
@@ -94,3 +96,14 @@ def format_report(r):
     if r["profile_dir"]:
         rows.append(("profile", f"{r['profile_dir']} (tensorboard --logdir {r['profile_dir']})"))
     return format_rows(rows)
+
+
+def append_csv(path, rows):
+    """Append ``rows`` (dicts with the same keys) to the CSV file ``path``, with a header row when
+    the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

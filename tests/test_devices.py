@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from functional_meta import devices, maml, nets, presets, protonet, training
+from test_maml import directional_check
 
 F64 = tf.float64
 
@@ -98,26 +99,6 @@ def test_grouped_convolution_equals_patches(stride):
         close(a, b)
 
 
-def directional_check(f, grads, weights, rng, directions=2, eps=1e-6):
-    """Central differences along random directions, redrawn where a ReLU kink is crossed (the
-    estimates at eps and eps/10 disagree); as tests/test_maml.py."""
-    checked = 0
-    for _ in range(5 * directions):
-        v = [tf.constant(rng.normal(size=w.shape)) for w in weights]
-        estimates = [(f([w + e * d for w, d in zip(weights, v)])
-                      - f([w - e * d for w, d in zip(weights, v)])) / (2 * e)
-                     for e in (eps, eps / 10)]
-        analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, v))
-        scale = max(abs(analytic), 1e-3)
-        if abs(estimates[0] - estimates[1]) > 1e-6 * scale:
-            continue
-        assert abs(estimates[0] - analytic) <= 1e-6 * scale, (estimates, analytic)
-        checked += 1
-        if checked == directions:
-            return
-    raise AssertionError("too few smooth directions to check")
-
-
 @pytest.mark.slow
 def test_gpu_graph_gives_the_cpu_meta_gradient_and_matches_finite_differences():
     """Second order through a MAML inner step in float64: the GPU graph (grouped convolutions,
@@ -140,7 +121,7 @@ def test_gpu_graph_gives_the_cpu_meta_gradient_and_matches_finite_differences():
     with devices.target("gpu"):
         loss = tf.function(lambda w: maml.meta_loss(apply, w, batch, **kw)[0], jit_compile=True)
         directional_check(lambda w: float(loss(w)), gpu_grads, weights,
-                          np.random.default_rng(2))
+                          np.random.default_rng(2), directions=2)
 
 
 def step_hlo(kind, precision="float32", dtype=tf.float32):
