@@ -64,27 +64,26 @@ def check_precision(name):
 
 
 @contextlib.contextmanager
+def _setting(variable, value):
+    """``variable`` set to ``value`` inside the block (and its previous value restored after)."""
+    token = variable.set(value)
+    try:
+        yield value
+    finally:
+        variable.reset(token)
+
+
 def target(name):
     """Trace steps for device kind ``name`` (``'cpu'`` or ``'gpu'``) inside this block, whatever
     the machine: ``with devices.target('gpu'): step = maml.make_train_step(...); step(...)``."""
-    token = _target.set(check_kind(name))
-    try:
-        yield name
-    finally:
-        _target.reset(token)
+    return _setting(_target, check_kind(name))
 
 
-@contextlib.contextmanager
 def precision(name):
     """Products' input precision (``PRECISIONS``) for the steps traced inside this block."""
-    token = _precision.set(check_precision(name))
-    try:
-        yield name
-    finally:
-        _precision.reset(token)
+    return _setting(_precision, check_precision(name))
 
 
-@contextlib.contextmanager
 def changed(**choices):
     """The target's ``Choices`` with some changed, for steps traced inside this block: to measure
     one choice against another (``with devices.changed(patches=False): ...``)."""
@@ -92,11 +91,7 @@ def changed(**choices):
     if unknown:
         raise ValueError(f"unknown device choices {unknown}; the choices are "
                          f"{list(Choices._fields)}")
-    token = _changes.set({**_changes.get(), **choices})
-    try:
-        yield
-    finally:
-        _changes.reset(token)
+    return _setting(_changes, {**_changes.get(), **choices})
 
 
 def kind():
