@@ -10,8 +10,8 @@ default backend's first device and run on the export's inputs. Every output must
 TensorFlow's: max |replay - TensorFlow| <= tolerance x the largest magnitude of TensorFlow's
 outputs in its group (all weights, all Adam first moments, ...; ``--tolerance``, by default 1e-4
 on a CPU, on a GPU 1e-3 for ``--variant=fp32`` and 3e-2 for the default variant, whose float32
-products may run as TF32). Weights whose gradient is within the tolerance of zero are left out
-of that check (Adam's first step moves them by the sign of rounding noise) and counted. Then
+products may run as TF32). Weights whose first Adam step rounding decides (a gradient within the
+tolerance of zero, or near Adam's epsilon) are left out of that check and counted. Then
 ``--warmup`` untimed and ``--calls`` timed calls, each call's new state fed to the next as in the
 benchmarks, each forced to the host with ``float(loss)`` (``benchmarks.timing``). Prints one
 JSON object as the last line of stdout; the exit status is 2 when an output disagrees.
@@ -104,14 +104,18 @@ def compare(outputs, exp, tolerance):
     """``({output name: max|out - TF| / scale}, undetermined)``: the scale of an output is the
     largest magnitude of TensorFlow's outputs in its group (all weights, all first moments, ...).
 
-    Adam's first step moves a weight by the learning rate times the sign of its gradient, so a
-    weight whose gradient is rounding noise moves either way whatever the program's accuracy:
-    weights whose first moment (``state/opt/1/i``, Adam's m) is not 0 but within ``tolerance`` of 0,
-    relative to the largest of their tensor (or of all first moments when the whole tensor's
-    gradient is that small), are left out of the weights' check and counted in
-    ``undetermined``."""
+    Adam's first step (the exported state's count ``state/opt/0`` is 0) moves a weight by the
+    learning rate times ``g / (|g| + epsilon)``: rounding decides the direction of a weight whose
+    gradient is noise, and the length of a step whose gradient is near epsilon, however accurate
+    the program. Such weights are left out of the weights' check and counted in ``undetermined``:
+    those whose first moment (``state/opt/1/i``) is within ``tolerance`` of 0 (relative to the
+    largest of its tensor, or of all first moments when the whole tensor's gradient is that small),
+    and those whose step is under 99% of the longest in their tensor."""
     names = [spec["name"] for spec in exp.manifest["outputs"]]
     refs = {n: np.asarray(r, np.float64) for n, r in zip(names, exp.outputs)}
+    before = {spec["name"]: np.asarray(a, np.float64)
+              for spec, a in zip(exp.manifest["args"], exp.inputs)}
+    first_step = "state/opt/0" in before and not before["state/opt/0"].any()
     scale = {}
     for name, ref in refs.items():
         top = float(np.abs(ref).max()) if ref.size else 0.0
@@ -121,10 +125,11 @@ def compare(outputs, exp, tolerance):
         ref, out = refs[name], np.asarray(out, np.float64)
         keep = np.ones(ref.shape, bool)
         moment = name.replace("state/weights/", "state/opt/1/", 1)
-        if name.startswith("state/weights/") and moment in refs:
+        if first_step and name.startswith("state/weights/") and moment in refs and ref.size:
             m = np.abs(refs[moment])
-            top = float(m.max()) if m.size else 0.0
-            keep = (m == 0) | (m > tolerance * top) & (top > tolerance * scale[_group(moment)])
+            step = np.abs(ref - before[name])
+            keep = (m > tolerance * m.max()) & (step >= 0.99 * step.max()) \
+                & (m.max() > tolerance * scale[_group(moment)])
             undetermined += int(keep.size - keep.sum())
         diff = float(np.abs(out - ref)[keep].max()) if keep.any() else 0.0
         diffs[name] = diff / max(scale[_group(name)], 1e-30)
