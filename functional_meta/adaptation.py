@@ -174,11 +174,35 @@ def check_options(steps, lr, views, metric):
                          f"prototypes; this model uses metric={metric!r}")
 
 
+# Episodes fine-tuned at a time: each has its own copy of the weights, and a batch of 25
+# 20-way episodes with 5 views held about 7 GiB of activations at once.
+EPISODE_CHUNK = 5
+
+
+def in_chunks(fn, episodes, chunk):
+    """``fn(episodes)`` (a ``[B, ...]`` tensor) computed for ``chunk`` episodes at a time in a
+    loop (the largest divisor of ``B`` up to ``chunk``), so only one chunk's activations live."""
+    b = episodes[0].shape[0]
+    chunk = max(d for d in range(1, min(chunk, b) + 1) if b % d == 0)
+    if chunk == b:
+        return fn(episodes)
+    n = b // chunk
+    parts = [tf.reshape(a, [n, chunk] + a.shape[1:]) for a in episodes]
+    first = fn(tuple(p[0] for p in parts))
+
+    def body(i, out):
+        return i + 1, out.write(i, fn(tuple(tf.gather(p, i) for p in parts)))
+    out = tf.TensorArray(first.dtype, size=n, element_shape=first.shape).write(0, first)
+    _, out = tf.while_loop(lambda i, _: i < n, body, (tf.constant(1), out))
+    return tf.reshape(out.stack(), [b] + first.shape[1:])
+
+
 def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, metric="euclidean",
-                   jit_compile=True, bn="transductive"):
+                   jit_compile=True, bn="transductive", episode_chunk=EPISODE_CHUNK):
     """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])`` as
     ``protonet.make_eval_step``, with the episode batch's whole adaptation and scoring in one
-    ``tf.function(jit_compile=jit_compile)``."""
+    ``tf.function(jit_compile=jit_compile)``; fine-tuning runs ``episode_chunk`` episodes at a
+    time (``in_chunks``)."""
     n_way = protonet._check_n_way(n_way)
     check_options(steps, lr, views, metric)
     nets.support_rows(bn, 1)
@@ -186,8 +210,11 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, metric="euclide
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(weights, episodes):
-        out = logits(apply_fn, weights, episodes, n_way, steps=steps, lr=lr, views=views,
-                     metric=metric, bn=bn)
+        def batch_logits(part):
+            return logits(apply_fn, weights, part, n_way, steps=steps, lr=lr, views=views,
+                          metric=metric, bn=bn)
+        chunk = episode_chunk if steps else episodes[0].shape[0]
+        out = in_chunks(batch_logits, episodes, chunk)
         query_y = episodes[3]
         predictions = tf.argmax(out, axis=-1, output_type=query_y.dtype)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, query_y), out.dtype), axis=1)

@@ -154,6 +154,21 @@ def test_fine_tuning_improves_an_under_trained_embedding():
     assert scores[20] > scores[0] + 0.05, scores
 
 
+def test_fine_tuning_in_chunks_of_episodes_equals_all_at_once():
+    weights, apply = tiny()
+    batch = episode(7, tasks=4)
+    whole = adaptation.logits(apply, weights, batch, 3, steps=2, lr=0.1, views=2, bn="support")
+    for chunk in (1, 3):        # 3 runs chunks of 2, the largest divisor of 4 up to 3
+        step = adaptation.make_eval_step(apply, 3, steps=2, lr=0.1, views=2, bn="support",
+                                         jit_compile=False, episode_chunk=chunk)
+        _, predictions = step(weights, batch)
+        np.testing.assert_array_equal(predictions.numpy(), np.argmax(whole.numpy(), -1))
+    parts = adaptation.in_chunks(
+        lambda e: adaptation.logits(apply, weights, e, 3, steps=2, lr=0.1, views=2,
+                                    bn="support"), batch, 2)
+    np.testing.assert_allclose(parts.numpy(), whole.numpy(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(steps=-1), "--finetune_steps"), (dict(steps=2, lr=0.0), "--finetune_lr"),
     (dict(views=10), "--tta"), (dict(steps=1, lr=0.1, metric="cosine"), "euclidean"),
