@@ -407,8 +407,8 @@ def omniglot_paths():
 
 # A small MANN on short sequences (3 classes x 5 instances; one head, memory 16 x 16) learns to
 # recall within a minute; the paper's preset needs thousands of steps (docs/mann.md).
-SHORT_RUN = dict(n_way=3, k_shot=5, controller=64, memory_slots=16, memory_size=16, read_heads=1,
-                 outer_lr=3e-3)
+SHORT_RUN = dict(n_way=3, k_shot=5, controller=64, memory_slots=16, memory_size=16, read_heads=2,
+                 outer_lr=6e-3)
 SHORT_STEPS = 2000
 
 
