@@ -198,7 +198,9 @@ def config_from_flags():
                                      augment_scale=FLAGS.augment_scale,
                                      domains=FLAGS.domains, proximal_lambda=FLAGS.proximal_lambda,
                                      cg_steps=FLAGS.cg_steps, bn=FLAGS.bn or "transductive",
-                                     backbone=FLAGS.backbone, **overrides)
+                                     backbone=FLAGS.backbone,
+                                     episodes_within_group=FLAGS.episodes_within_group,
+                                     **overrides)
     except ValueError as error:
         raise app.UsageError(f"bad flags: {error}") from None
     if config["data"] in ("omniglot", "mnist", "folder") and not FLAGS.data_path:
@@ -207,8 +209,7 @@ def config_from_flags():
                   train_groups=FLAGS.train_groups, val_groups=FLAGS.val_groups,
                   test_groups=FLAGS.test_groups, exclude_groups=FLAGS.exclude_groups,
                   split=[float(f) for f in FLAGS.split], val_fraction=FLAGS.val_fraction,
-                  split_seed=FLAGS.split_seed, seed=FLAGS.seed,
-                  episodes_within_group=FLAGS.episodes_within_group)
+                  split_seed=FLAGS.split_seed, seed=FLAGS.seed)
     return config
 
 

@@ -154,7 +154,7 @@ def _check_positive_float(config, *names):
 def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclidean",
                 lr_decay_every=0, lr_decay=0.5, augment_shift=0, augment_rotate=0.0,
                 augment_scale=0.0, domains=None, proximal_lambda=None, cg_steps=None,
-                bn="transductive", backbone=None, **overrides):
+                bn="transductive", backbone=None, episodes_within_group=False, **overrides):
     """A checked, JSON-able training config: preset fields, ``algorithm``, ``lr_mode``,
     ``first_order``, ``metric``, ``data``, the outer-rate schedule and the training augmentation.
     ``None`` overrides keep the preset's value.
@@ -178,6 +178,9 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
 
     ``bn``: ``'transductive'`` (batch norm from the whole episode) or ``'support'`` (ProtoNet
     only: from the support set alone, as ``fm-eval --bn=support`` scores).
+
+    ``episodes_within_group``: every training episode's classes from one group (an Omniglot
+    alphabet; ``episodes.EpisodeSampler``'s ``within_group``).
 
     ``backbone``: the network of a preset with a convolutional one, stored as the config's
     ``net``: ``'conv4'`` or ``'resnet12'`` (``nets.resnet12``, widths from ``channels`` by
@@ -242,7 +245,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     config.update(preset=preset, algorithm=algorithm, lr_mode=lr_mode, metric=metric,
                   first_order=algorithm == "fomaml", lr_decay_every=lr_decay_every,
                   lr_decay=lr_decay, augment_shift=augment_shift, augment_rotate=augment_rotate,
-                  augment_scale=augment_scale, bn=bn)
+                  augment_scale=augment_scale, bn=bn,
+                  episodes_within_group=bool(episodes_within_group))
     if data is not None:
         config["data"] = data
     config["domains"] = domain_names(["clean"] if domains is None else domains)
