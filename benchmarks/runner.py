@@ -242,6 +242,16 @@ def run_benchmark(family, build_step, flag_values=FLAGS):
     return record
 
 
+def _traced_for(kind, step):
+    """``step``'s compiled function, traced (and called) for device kind ``kind``."""
+    function = getattr(step, "compiled", step)
+
+    def call(*args):
+        with devices.target(kind):
+            return function(*args)
+    return call
+
+
 def export_benchmark(family, build_step, flag_values=FLAGS):
     """``--export_hlo``: the configuration's XLA-compiled step, traced for ``--export_target``
     with ``--precision`` (``functional_meta.devices``), called once on its first batch and written to ``--export_hlo``
@@ -261,8 +271,12 @@ def export_benchmark(family, build_step, flag_values=FLAGS):
         record = {"family": family, "preset": fv.preset, **config, "algorithm": algorithm,
                   "precision": fv.precision, "data": fv.data, "input": input_kind,
                   "seed": fv.seed, "flops_per_step": flops_per_step}
+        reference = True            # float64 outputs from the form this machine runs fast:
+        if target != device:
+            with devices.target(device):
+                reference = _traced_for(device, build_step(config, True, None)[0])
         manifest = export.write(fv.export_hlo, step, state, next_batch(), config=record,
-                                target=target)
+                                target=target, reference=reference)
     sizes = {v: info["proto_bytes"] for v, info in manifest["variants"].items()}
     print(report.format_rows([
         ("export", f"{fv.export_hlo}: {family} preset={fv.preset}, traced for {target}, "

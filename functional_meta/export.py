@@ -14,6 +14,10 @@ An export is a folder (``FORMAT`` 1):
   ``a001``, ...
 - ``outputs.npz``: TensorFlow's outputs of ``step(state, batch)`` on those inputs, flattened in
   the HLO's output order (the new state, then the metrics), ``o000``, ...
+- ``outputs64.npz`` (when the step also runs in float64): the same step on the same inputs in
+  float64, a reference for how far float32 itself is from the exact step. A replay is held to
+  TensorFlow's own float32 error, not only to a fixed tolerance: where float32 is ill-conditioned
+  (early layers' gradients in a 60-way ProtoNet episode), two correct float32 programs differ.
 - ``manifest.json``: every argument's and output's name (its path in the structure, e.g.
   ``state/weights/0``, ``batch/1``, ``metrics/loss``), shape and dtype; checksums of the outputs;
   the loss's output index; the configuration; the TensorFlow version.
@@ -45,6 +49,7 @@ FORMAT = 1
 # Variant -> file prefix. 'default': dots as TensorFlow emits them; 'fp32': TF32 off.
 VARIANTS = {"default": "step", "fp32": "step_fp32"}
 MANIFEST, INPUTS, OUTPUTS = "manifest.json", "inputs.npz", "outputs.npz"
+REFERENCE = "outputs64.npz"
 
 
 class Export(NamedTuple):
@@ -54,6 +59,7 @@ class Export(NamedTuple):
     manifest: dict
     inputs: list
     outputs: list
+    reference: list = None      # the float64 outputs (``REFERENCE``), when the export has them
 
 
 def flatten_with_names(structure, prefix):
@@ -89,13 +95,30 @@ def _spec(name, array):
     return {"name": name, "shape": list(array.shape), "dtype": array.dtype.name}
 
 
-def write(path, step, state, batch, *, config=None, target=None):
+def _float64_outputs(function, args, names):
+    """The step's outputs on ``args`` with every float32 tensor widened to float64, in ``names``'
+    order; ``(None, reason)`` when the step does not run in float64."""
+    import tensorflow as tf
+    wide = tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float64) if t.dtype == tf.float32 else t, args)
+    try:
+        new_state, metrics = function(*wide)
+    except (tf.errors.OpError, TypeError, ValueError) as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    found = dict(flatten_with_names(new_state, "state") + flatten_with_names(metrics, "metrics"))
+    return [np.asarray(found[name], np.float64) for name in names], None
+
+
+def write(path, step, state, batch, *, config=None, target=None, reference=True):
     """Export ``step(state, batch) -> (state, metrics)`` called on ``(state, batch)`` into folder
     ``path`` (created; existing export files are replaced); returns the manifest.
 
     ``step`` is a ``tf.function(jit_compile=True)``, or a library step that exposes one as
     ``step.compiled`` (ProtoNet's). ``metrics`` must hold ``loss``. ``config`` (JSON-able) and
-    ``target`` (the device kind the step was traced for) are recorded in the manifest. Raises
+    ``target`` (the device kind the step was traced for) are recorded in the manifest. With
+    ``reference``, the step also runs once in float64 (``REFERENCE``; a second compile), or, when
+    ``reference`` is a callable, that step of the same arguments does (e.g. the same step traced
+    for the exporting machine's device, where the exported form runs slowly there). Raises
     ``ValueError`` when the step is not XLA-compiled or captures tensors (they would be HLO
     parameters outside the arguments).
     """
@@ -142,6 +165,13 @@ def write(path, step, state, batch, *, config=None, target=None):
     np.savez(os.path.join(path, INPUTS), **{f"a{i:03d}": a for i, a in enumerate(inputs)})
     np.savez(os.path.join(path, OUTPUTS), **{f"o{i:03d}": a for i, a in enumerate(outputs)})
     names = [name for name, _ in named_out]
+    function64 = function if reference is True else getattr(reference, "compiled", reference)
+    wide, no_reference = _float64_outputs(function64, args, names) if reference \
+        else (None, "not asked for")
+    if wide is not None:
+        np.savez(os.path.join(path, REFERENCE), **{f"o{i:03d}": a for i, a in enumerate(wide)})
+    elif os.path.exists(os.path.join(path, REFERENCE)):
+        os.remove(os.path.join(path, REFERENCE))
     manifest = {
         "format": FORMAT, "tf_version": tf.__version__, "host": platform.node(),
         "target": target, "config": config or {}, "variants": variants,
@@ -151,6 +181,7 @@ def write(path, step, state, batch, *, config=None, target=None):
         "state_outputs": sum(name.startswith("state/") for name in names),
         "loss": float(outputs[names.index("metrics/loss")]),
         "tf_first_call_s": first_call_s,
+        "reference64": wide is not None, "no_reference64": no_reference,
     }
     with open(os.path.join(path, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -178,7 +209,11 @@ def read(path):
                                  f"{array.dtype.name}{list(array.shape)}, the manifest says "
                                  f"{spec['dtype']}{spec['shape']}")
         arrays.append(found)
-    return Export(path, manifest, *arrays)
+    reference = None
+    if manifest.get("reference64"):
+        with np.load(os.path.join(path, REFERENCE)) as stored:
+            reference = [stored[f"o{i:03d}"] for i in range(len(manifest["outputs"]))]
+    return Export(path, manifest, *arrays, reference=reference)
 
 
 def hlo(export, variant="default", form="proto"):

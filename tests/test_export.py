@@ -170,8 +170,35 @@ def test_replay_reproduces_protonet_and_reports_a_wrong_output(protonet_export, 
     index = [o["name"] for o in exp.manifest["outputs"]].index("state/weights/2")
     outputs[f"o{index:03d}"] = outputs[f"o{index:03d}"] * 1.01
     np.savez(tmp_path / export.OUTPUTS, **outputs)
+    wide = {f"o{i:03d}": a for i, a in enumerate(exp.reference)}   # float32's error unchanged
+    wide[f"o{index:03d}"] = wide[f"o{index:03d}"] * 1.01
+    np.savez(tmp_path / export.REFERENCE, **wide)
     wrong = xla_replay.replay(str(tmp_path), calls=1, warmup=1)
     assert not wrong["ok"] and wrong["worst_output"] == "state/weights/2"
+
+
+def test_float64_reference_sets_how_far_a_replay_may_be_from_tensorflow():
+    """A replay is held to max(tolerance, 3 x TensorFlow's float32 error against float64)."""
+    from benchmarks import xla_replay
+    manifest = {"args": [], "outputs": [{"name": "metrics/loss"}, {"name": "state/weights/0"}]}
+    exact = [np.float64(1.0), np.array([1.0, 2.0])]
+    tf32 = [np.float32(1.0), np.array([1.0 + 2e-3, 2.0], np.float32)]   # 1e-3 of the max, 2
+    exp = export.Export("x", manifest, [], tf32, exact)
+    for off, ok in ((5e-3, True), (8e-3, False)):        # 2.5x and 4x TensorFlow's own error
+        diffs, allowed, _ = xla_replay.compare([tf32[0], tf32[1] + [off, 0]], exp, 1e-4)
+        assert allowed["state/weights/0"] == pytest.approx(3e-3, rel=1e-3)
+        assert (diffs["state/weights/0"] <= allowed["state/weights/0"]) == ok
+    _, allowed, _ = xla_replay.compare(tf32, exp._replace(reference=None), 1e-4)
+    assert allowed["state/weights/0"] == 1e-4           # no float64 outputs: the tolerance
+
+
+def test_export_holds_the_steps_float64_outputs(protonet_export):
+    exp = export.read(protonet_export)
+    assert exp.manifest["reference64"] and len(exp.reference) == len(exp.outputs)
+    loss = exp.manifest["loss_index"]
+    assert exp.reference[loss].dtype == np.float64
+    assert float(exp.reference[loss]) == pytest.approx(exp.manifest["loss"], rel=1e-5)
+    assert float(exp.reference[loss]) != exp.manifest["loss"]   # float64, not a copy
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +268,8 @@ def test_gpu_check_prepares_and_runs_end_to_end_on_cpu(tmp_path):
     assert "opt-barrier" not in opcodes["default"]["opcodes"]
     for name in ("maml_5way", "protonet_5way"):
         res = report["results"][name]
-        assert json.loads((folder / name / "manifest.json").read_text())["target"] == "gpu"
+        manifest = json.loads((folder / name / "manifest.json").read_text())
+        assert manifest["target"] == "gpu" and manifest["reference64"]  # float64 from the CPU form
         xla, torch_run = res["replay"]["default"]["record"], res["torch"]["record"]
         assert xla["ok"] and xla["target"] in ("cpu", "gpu")
         assert torch_run["first_loss"] == pytest.approx(xla["tf_loss"], rel=1e-5)
