@@ -434,5 +434,6 @@ def test_mann_recalls_held_out_omniglot_characters(omniglot_paths, tmp_path):
     evaluator = training.make_evaluator(config, learner.apply, jit_compile=True)
     scores = training.evaluate(evaluator, state, test_sampler, 200)
     gap = scores['instance_2'] - scores['instance_1']
-    # Before learning, guessing a label not yet seen gives the 1st instance ~0.6 and the 2nd less.
-    assert gap > 0.08 and gap > scores['instance_2_ci95'] + scores['instance_1_ci95'], scores
+    # Before learning, guessing a label not yet seen gives the 1st instance ~0.6 and the 2nd less;
+    # this run's gap was 0.10 here: 0.05 leaves room for another CPU's rounding of 2000 steps.
+    assert gap > 0.05 and gap > scores['instance_2_ci95'] + scores['instance_1_ci95'], scores
