@@ -130,6 +130,17 @@ def _adapt():
     return {"steps": FLAGS.finetune_steps, "lr": FLAGS.finetune_lr, "views": FLAGS.tta}
 
 
+def _evaluator(config, learner, steps, n_way, context):
+    """``training.make_evaluator`` with the flags' settings; a ``ValueError`` becomes a usage
+    error that starts with ``context``."""
+    from functional_meta import training
+    try:
+        return training.make_evaluator(config, learner.apply, inner_steps=steps, n_way=n_way,
+                                       jit_compile=FLAGS.jit, bn=_bn(config), adapt=_adapt())
+    except ValueError as error:
+        raise app.UsageError(f"{context}: {error}") from None
+
+
 def _adapt_words(adapt):
     if not adapt:
         return ""
@@ -274,12 +285,7 @@ def main(argv):
             logging.warning("%s holds no best checkpoint (its run never validated): scoring the "
                             "latest, %s", path, found)
         for steps in _inner_steps(config):
-            try:
-                evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
-                                                    n_way=n_way, jit_compile=FLAGS.jit,
-                                                    bn=_bn(config), adapt=_adapt())
-            except ValueError as error:
-                raise app.UsageError(f"bad flags: {error}") from None
+            evaluator = _evaluator(config, learner, steps, n_way, "bad flags")
             result = training.evaluate(evaluator, state, sampler, num_episodes)
             name = f"{config['algorithm']} {found} (step {info['step']})"
             _report(name, result, dict(settings, method="model", algorithm=config["algorithm"],
@@ -440,13 +446,8 @@ def _score_fixed(paths, stored):
         learner = training.make_learner(config, jit_compile=FLAGS.jit)
         state, info, found = checkpoints.restore_state(learner, path)
         for steps in _inner_steps(config):
-            try:
-                evaluator = training.make_evaluator(config, learner.apply, inner_steps=steps,
-                                                    n_way=way, jit_compile=FLAGS.jit,
-                                                    bn=_bn(config), adapt=_adapt())
-            except ValueError as error:
-                raise app.UsageError(f"--episodes={FLAGS.episodes} holds {way}-way episodes: "
-                                     f"{error}") from None
+            evaluator = _evaluator(config, learner, steps, way,
+                                   f"--episodes={FLAGS.episodes} holds {way}-way episodes")
             values = fixed_episodes.score(evaluator, state, runs)
             _report_fixed(f"{config['algorithm']} {found} (step {info['step']})", values, runs,
                           lake, dict(method="model", algorithm=config["algorithm"],

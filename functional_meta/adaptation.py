@@ -180,21 +180,16 @@ EPISODE_CHUNK = 5
 
 
 def in_chunks(fn, episodes, chunk):
-    """``fn(episodes)`` (a ``[B, ...]`` tensor) computed for ``chunk`` episodes at a time in a
-    loop (the largest divisor of ``B`` up to ``chunk``), so only one chunk's activations live."""
+    """``fn(episodes)`` (a ``[B, ...]`` tensor of the images' dtype) computed for ``chunk``
+    episodes at a time in a loop that traces ``fn`` once (the largest divisor of ``B`` up to
+    ``chunk``), so only one chunk's activations live."""
     b = episodes[0].shape[0]
     chunk = max(d for d in range(1, min(chunk, b) + 1) if b % d == 0)
     if chunk == b:
         return fn(episodes)
-    n = b // chunk
-    parts = [tf.reshape(a, [n, chunk] + a.shape[1:]) for a in episodes]
-    first = fn(tuple(p[0] for p in parts))
-
-    def body(i, out):
-        return i + 1, out.write(i, fn(tuple(tf.gather(p, i) for p in parts)))
-    out = tf.TensorArray(first.dtype, size=n, element_shape=first.shape).write(0, first)
-    _, out = tf.while_loop(lambda i, _: i < n, body, (tf.constant(1), out))
-    return tf.reshape(out.stack(), [b] + first.shape[1:])
+    parts = tuple(tf.reshape(a, [b // chunk, chunk] + a.shape[1:]) for a in episodes)
+    out = tf.map_fn(fn, parts, fn_output_signature=episodes[0].dtype, parallel_iterations=1)
+    return tf.reshape(out, [b] + out.shape[2:])
 
 
 def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, metric="euclidean",

@@ -357,7 +357,10 @@ def _batch_norm_from_rows(x, scale, offset, bn_rows):
     """Batch norm of ``x [T, n, H, W, C]`` with the statistics of each task's first ``bn_rows``
     images only (e.g. the support set), applied to all ``n``: the other images do not move them,
     so each is normalised independently of the rest (strictly inductive scoring). The variance is
-    the mean of squared deviations, differentiable to second order like ``_batch_norm``."""
+    the mean of squared deviations, differentiable to second order like ``_batch_norm``.
+    ``bn_rows=None`` is ``_batch_norm``: the statistics of all ``n``."""
+    if bn_rows is None:
+        return _batch_norm(x, scale, offset)
     t, n, h, w, c = x.shape
     rows = tf.reshape(x[:, :bn_rows], [t, bn_rows * h * w, c])
     mean = _row_mean(rows)                                             # [T, 1, C]
@@ -393,11 +396,9 @@ def _conv_batch_norm(x, kernel, scale, offset, stride, bn_rows):
     """3x3 'SAME' convolution of ``x [T, n, H, W, C]`` then batch norm (statistics of each task's
     first ``bn_rows`` images, or of all with ``None``), by the cheapest exact path: from the
     patches' covariance for inputs with at most ``FEW_CHANNELS`` channels."""
-    if bn_rows is not None:
-        return _batch_norm_from_rows(_conv3x3(x, kernel, stride), scale, offset, bn_rows)
-    if x.shape[-1] <= FEW_CHANNELS:
+    if bn_rows is None and x.shape[-1] <= FEW_CHANNELS:
         return _conv_batch_norm_from_patches(x, kernel, scale, offset, stride)
-    return _batch_norm(_conv3x3(x, kernel, stride), scale, offset)
+    return _batch_norm_from_rows(_conv3x3(x, kernel, stride), scale, offset, bn_rows)
 
 
 def _max_pool(x):
@@ -566,9 +567,7 @@ def resnet12(n_way=None, widths=RESNET12_WIDTHS, in_shape=(28, 28, 1)):
             k1, s1, o1, k2, s2, o2, k3, s3, o3, kc, sc, oc = weights[12 * b:12 * b + 12]
             y = tf.nn.leaky_relu(_conv_batch_norm(x, k1, s1, o1, 1, bn_rows), LEAKY_SLOPE)
             y = tf.nn.leaky_relu(_conv_batch_norm(y, k2, s2, o2, 1, bn_rows), LEAKY_SLOPE)
-            shortcut = _conv1x1(x, kc)
-            shortcut = (_batch_norm(shortcut, sc, oc) if bn_rows is None
-                        else _batch_norm_from_rows(shortcut, sc, oc, bn_rows))
+            shortcut = _batch_norm_from_rows(_conv1x1(x, kc), sc, oc, bn_rows)
             # Pooling before the leaky ReLU, as conv4 does: both are monotone, so they commute.
             y = _max_pool(_conv_batch_norm(y, k3, s3, o3, 1, bn_rows) + shortcut)
             x = tf.nn.leaky_relu(y, LEAKY_SLOPE)
