@@ -84,12 +84,21 @@ flags.DEFINE_enum("backbone", None, list(presets.IMAGE_NETS), "Image network of 
                   "(ResNet-12 of TADAM/MetaOptNet: four residual blocks of three 3x3 "
                   "convolutions, batch norm, leaky ReLU, max pooling; a 640-d embedding of "
                   "28x28 images at --channels=64; ProtoNet's embedding or MAML's body with a "
-                  "dense head). Default: the preset's network.")
+                  "dense head). mann/lstm: conv4 adds a convolutional encoder (four blocks of "
+                  "3x3 convolution, ReLU and 2x2 max pooling of --channels filters, default 32; "
+                  "no batch norm, so each image is encoded on its own) whose features the "
+                  "controller reads beside the pixels. Default: the preset's network.")
 flags.DEFINE_integer("channels", None, "Width: conv4's filters per block (e.g. 64, 128); "
                      "resnet12's first block, the blocks being (c, 5c/2, 5c, 10c): 64 gives the "
                      "published 64-160-320-640, 32 a narrower 32-80-160-320. Default: the "
                      "preset's (64 for Omniglot).", lower_bound=1)
 flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
+flags.DEFINE_integer("image_size", None, "Image data (--data=omniglot, omniglot_tfds, folder, "
+                     "synthetic): train on SxS images, area-resized from the source, with the "
+                     "preset's channels, e.g. 56 for Omniglot at twice the presets' 28x28 "
+                     "(stored in config.json's image_shape; fm-eval scores at that size). The "
+                     "smallest size is the network's: 16 for max pooling's four halvings. "
+                     "Default: the preset's image_shape.", lower_bound=1)
 flags.DEFINE_list("hidden", None, "MLP hidden layer widths, e.g. 40,40.")
 flags.DEFINE_list("domains", None, "Image styles to train across (functional_meta.domains "
                   "names: clean, rotate:DEGREES, dilate:R, erode:R, blur:SIGMA, noise:STD, invert, "
@@ -149,7 +158,8 @@ flags.DEFINE_bool("plots", False, "Draw PNG figures in --out_dir at the end (nee
 
 
 @flags.multi_flags_validator(["backbone", "pool", "algorithm", "preset", "data"],
-                             "--backbone: conv4 or resnet12, on a preset with an image network "
+                             "--backbone: conv4 or resnet12, on a preset with an image network, "
+                             "or conv4 for mann/lstm "
                              "(--pool is conv4's only)")
 def _check_backbone(values):
     """Before TensorFlow loads: --backbone against the preset (--preset, or the one that
@@ -210,7 +220,40 @@ def config_from_flags():
                   test_groups=FLAGS.test_groups, exclude_groups=FLAGS.exclude_groups,
                   split=[float(f) for f in FLAGS.split], val_fraction=FLAGS.val_fraction,
                   split_seed=FLAGS.split_seed, seed=FLAGS.seed)
+    if FLAGS.image_size is not None:
+        config["image_shape"] = sized_image_shape(config, FLAGS.image_size)
     return config
+
+
+# Sources that data.load resizes to a requested size (MNIST's images come at 28x28 as stored).
+RESIZED_SOURCES = ("omniglot", "omniglot_tfds", "folder", "synthetic")
+
+
+def sized_image_shape(config, size):
+    """``config``'s ``image_shape`` at ``size`` x ``size`` (channels kept); ``app.UsageError``
+    naming ``--image_size`` for data without resizable images, or a size the network's
+    downsampling cannot take (with the smallest it can)."""
+    shape = tuple(config.get("image_shape", ()))
+    if config["data"] not in RESIZED_SOURCES or len(shape) != 3:
+        raise app.UsageError(f"--image_size resizes the images of --data="
+                             f"{', '.join(RESIZED_SOURCES)}; --data={config['data']} "
+                             f"(image_shape {list(shape)}) has none to resize")
+
+    def fits(side):
+        try:
+            presets.network(dict(config, image_shape=(side, side, shape[2])))
+            configs.check_config(dict(config, image_shape=(side, side, shape[2])))
+        except ValueError:
+            return False
+        return True
+
+    if not fits(size):
+        smallest = next((s for s in range(size + 1, 4 * size + 64) if fits(s)), None)
+        allowed = f"at least {smallest}" if smallest else "larger"
+        raise app.UsageError(f"--image_size={size} is too small for net={config['net']}"
+                             f"{' pool=' + repr(config['pool']) if 'pool' in config else ''} "
+                             f"(and --augment_shift={config['augment_shift']}): allowed {allowed}")
+    return (size, size, shape[2])
 
 
 def _draw(out_dir, config, learner, checkpoints_kept, held_out, style_examples=None):
@@ -266,6 +309,9 @@ def main(argv):
             raise app.UsageError("--plots needs matplotlib: pip install 'functional_meta[plot]' "
                                  "(or pip install matplotlib)") from None
     if FLAGS.algorithm in configs.RL_ALGORITHMS:        # tasks from an environment, no data
+        if FLAGS.image_size is not None:
+            raise app.UsageError(f"--image_size resizes images; --algorithm={FLAGS.algorithm} "
+                                 "trains on an environment's states")
         rl_run.rl_config_from_flags(FLAGS.algorithm, FLAGS.preset)    # bad flags: before TF
         return rl_run.train_main(benchmarks.start_tensorflow())
     tf = benchmarks.start_tensorflow()

@@ -26,6 +26,8 @@ IMAML_DEFAULTS = {"proximal_lambda": 2.0, "cg_steps": 5}
 SUPERVISED_ALGORITHMS = ("mldg", "erm")
 # Algorithms of the sequence protocol (functional_meta.mann, functional_meta.sequences).
 SEQUENCE_ALGORITHMS = ("mann", "lstm")
+# Filters per block of the mann/lstm encoder when backbone='conv4' gives no channels.
+SEQUENCE_ENCODER_CHANNELS = 32
 LR_MODES = ("fixed", "metasgd", "lslr")
 DATA_SOURCES = choices.IMAGE_SOURCES + ("sinusoid",)
 CONFIG_FILE = "config.json"
@@ -37,8 +39,9 @@ LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "aug
                   "augment_scale": 0.0, "domains": ["clean"], "bn": "transductive",
                   "episodes_within_group": False}
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
-# The same for fields of the MANN/LSTM presets only: their first runs wrote keys and used Adam.
-SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam"}
+# The same for fields of the MANN/LSTM presets only: their first runs wrote keys, used Adam and
+# read the pixels.
+SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam", "encoder_channels": 0}
 # The optimisers of the MANN/LSTM (``optim.OPTIMIZERS``) and what a MANN head writes
 # (``mann.WRITES``); RMSProp's rate when none is given is the MANN paper's.
 SEQUENCE_OPTIMIZERS = ("adam", "rmsprop")
@@ -184,7 +187,10 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
 
     ``backbone``: the network of a preset with a convolutional one, stored as the config's
     ``net``: ``'conv4'`` or ``'resnet12'`` (``nets.resnet12``, widths from ``channels`` by
-    ``presets.resnet12_widths``); ``None`` keeps the preset's.
+    ``presets.resnet12_widths``); ``None`` keeps the preset's. For ``mann`` and ``lstm``,
+    ``'conv4'`` adds a convolutional encoder of ``channels`` filters (default
+    ``SEQUENCE_ENCODER_CHANNELS``) whose features the controller reads beside the pixels, stored
+    as ``encoder_channels``.
 
     ``domains``: the training domains (``functional_meta.domains`` names, a list or a ','-joined
     string; default ``['clean']``), stored in canonical spelling. Episodic learners draw each
@@ -209,6 +215,11 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
     if algorithm in SEQUENCE_ALGORITHMS:
         family = "mann"
         config["net"] = algorithm            # the MANN, or the LSTM baseline without memory
+        if config.get("channels") is not None and backbone is None:
+            raise ValueError("channels is the width of the encoder of mann/lstm: give it with "
+                             "backbone='conv4' (without, the controller reads the pixels)")
+        config["encoder_channels"] = (config.pop("channels", None) or SEQUENCE_ENCODER_CHANNELS
+                                      if backbone else 0)
     if algorithm in SUPERVISED_ALGORITHMS:
         family = "supervised"
     if config["family"] != family:
@@ -258,6 +269,12 @@ def check_backbone(backbone, preset, pool=None):
     """``ValueError`` naming ``backbone`` unless it is one of ``presets.IMAGE_NETS`` and ``preset``
     has a convolutional network; naming ``pool`` (conv4's) if given with ``'resnet12'``."""
     net = presets.PRESETS[preset]["net"]
+    if net == "mann":
+        if backbone != "conv4" or pool is not None:
+            raise ValueError(f"backbone for mann/lstm must be 'conv4' (an encoder before the "
+                             f"controller, no pool option), got backbone={backbone!r}, "
+                             f"pool={pool!r}")
+        return
     if backbone not in presets.IMAGE_NETS or net not in presets.IMAGE_NETS:
         raise ValueError(f"backbone must be one of {list(presets.IMAGE_NETS)} on a preset with a "
                          f"convolutional network, got backbone={backbone!r} for preset={preset!r} "
@@ -326,6 +343,10 @@ def check_config(config):
         check_positive_int(config, "test_n_way")
     if config["family"] == "mann":
         check_positive_int(config, "controller", "memory_slots", "memory_size", "read_heads")
+        encoder = config.get("encoder_channels", 0)
+        if isinstance(encoder, bool) or not isinstance(encoder, (int, np.integer)) or encoder < 0:
+            raise ValueError(f"encoder_channels must be 0 (pixels) or a positive integer, got "
+                             f"{encoder!r}")
         _check_positive_float(config, "clip_norm")
         for name, allowed in (("optimizer", SEQUENCE_OPTIMIZERS), ("write", SEQUENCE_WRITES)):
             if config.get(name, allowed[-1]) not in allowed:

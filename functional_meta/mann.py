@@ -140,6 +140,12 @@ def _check_sizes(**sizes):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_encoder(channels):
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 0:
+        raise ValueError(f"encoder_channels must be 0 (pixels) or a positive integer, got "
+                         f"{channels!r}")
+
+
 def _head_bias(heads, size, dtype):
     """Per head ``[key and add vector (size), gate, strength]``: zeros, but the strength starts
     at ``INITIAL_STRENGTH``."""
@@ -173,43 +179,113 @@ def _inputs(w_in, images, previous_labels, n_classes):
 
 
 WRITES = ("add", "key")
+# Blocks of the optional convolutional encoder (3x3 convolution, bias, ReLU, 2x2 max pool): four
+# take 20x20 images to 1x1, as conv4 takes 28x28 ones.
+ENCODER_BLOCKS = 4
+# Added to the variance of the encoder's features before normalising them.
+LAYER_NORM_EPSILON = 1e-6
+
+
+def _encoder_size(image_shape, channels):
+    """Inputs per step to the controller: the pixels, and the encoder's features (``channels``
+    of them per output pixel) unless ``channels=0``."""
+    pixels = math.prod(image_shape)
+    if not channels:
+        return pixels
+    h, w = image_shape[0], image_shape[1]
+    for _ in range(ENCODER_BLOCKS):
+        h, w = h // 2, w // 2
+    if not h or not w:
+        raise ValueError(f"image_shape={tuple(image_shape)} is too small for the encoder's "
+                         f"{ENCODER_BLOCKS} 2x2 poolings (at least {2 ** ENCODER_BLOCKS} pixels a "
+                         "side)")
+    return pixels + h * w * channels
+
+
+def _encoder_init(seed, channels, in_channels, dtype):
+    """He-uniform kernels ``[3, 3, in, channels]`` and zero biases, block by block."""
+    weights = []
+    for block in range(ENCODER_BLOCKS if channels else 0):
+        c_in = in_channels if block == 0 else channels
+        limit = math.sqrt(6.0 / (9 * c_in))                # ReLU layers keep their scale
+        weights += [tf.random.stateless_uniform([3, 3, c_in, channels], seed=[seed, 10 + block],
+                                                minval=-limit, maxval=limit, dtype=dtype),
+                    tf.zeros([channels], dtype)]
+    return weights
+
+
+def _input_kernel(seed, pixels, d, n_classes, width, dtype):
+    """``w_in [d + n_classes, width]``, Glorot-uniform but zero in the rows of the encoder's
+    features (``d - pixels`` of them): the model starts as the one reading pixels alone, and the
+    features enter as training finds them useful."""
+    kernel = _glorot(seed, 0, [d + n_classes, width], dtype)
+    keep = tf.concat([tf.ones([pixels], dtype), tf.zeros([d - pixels], dtype),
+                      tf.ones([n_classes], dtype)], 0)
+    return kernel * keep[:, None]
+
+
+def _encode(weights, images):
+    """The controller's image input ``[B, T, D]``: each image of ``images [B, T, H, W, C]``
+    flattened, then (with encoder weights) its features, normalised to zero mean and unit
+    variance over the features of that image (layer norm without gain and bias, which ``w_in``
+    supplies). No batch norm, so no step's input depends on another image. Why the pixels too,
+    and why ``_input_kernel`` starts the features' rows at zero: from untrained features the
+    MANN did not leave its chance plateau (docs/design.md)."""
+    b, t = images.shape[0], images.shape[1]
+    pixels = tf.reshape(images, [b, t, -1])
+    if not weights:
+        return pixels
+    x = tf.reshape(images, [b * t, *images.shape[2:]])
+    for kernel, bias in zip(weights[::2], weights[1::2]):
+        x = tf.nn.max_pool2d(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME") + bias), 2, 2, "VALID")
+    x = tf.reshape(x, [b, t, -1])
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return tf.concat([pixels, (x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON)], -1)
 
 
 def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-         gamma=0.95, write="add"):
+         gamma=0.95, write="add", encoder_channels=0):
     """``(init, apply)`` of the MANN: LSTM controller of ``controller`` units and an LRUA memory of
     ``memory_slots`` x ``memory_size`` with ``read_heads`` heads (the paper: 200, 128 x 40, 4).
     ``write``: what a head writes, ``'add'`` (a vector of its own) or ``'key'`` (its key, the
-    paper's equation 7).
+    paper's equation 7). ``encoder_channels``: 0, the controller reads the pixels (the paper);
+    ``c > 0``, also the features of a convolutional encoder of ``ENCODER_BLOCKS`` blocks of ``c``
+    filters (conv4 without batch norm), which may generalise to unseen alphabets better than
+    pixel weights learnt from few characters (docs/mann.md).
 
-    ``init(seed, dtype=tf.float32)`` -> weights ``[w_in (D + n_classes, 4H), w_rec (H + R*M, 4H),
-    b (4H,), w_head (H, R*(A + 2)), b_head, w_out (H + R*M, n_classes), b_out]`` with
-    ``D = prod(image_shape)``; ``w_head`` gives each head's key (and add vector: ``A = 2M``; with
-    ``write='key'`` ``A = M``), gate and strength.
+    ``init(seed, dtype=tf.float32)`` -> weights ``[*encoder, w_in (D + n_classes, 4H),
+    w_rec (H + R*M, 4H), b (4H,), w_head (H, R*(A + 2)), b_head, w_out (H + R*M, n_classes),
+    b_out]``: ``encoder`` the encoder's kernels and biases (none with ``encoder_channels=0``),
+    ``D`` the pixels (``prod(image_shape)``) plus the encoder's features; ``w_head`` gives each
+    head's key (and add vector: ``A = 2M``; with ``write='key'`` ``A = M``), gate and strength.
     ``apply(weights, (images [B, T, *image_shape], previous_labels [B, T]))`` -> logits
     ``[B, T, n_classes]``, the whole sequence in one ``tf.scan``.
     """
     _check_sizes(n_classes=n_classes, controller=controller, memory_slots=memory_slots,
                  memory_size=memory_size, read_heads=read_heads)
+    _check_encoder(encoder_channels)
     if read_heads > memory_slots:
         raise ValueError(f"read_heads={read_heads} must not exceed memory_slots={memory_slots}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma (usage decay) must be in [0, 1], got {gamma!r}")
     if write not in WRITES:
         raise ValueError(f"write must be one of {list(WRITES)}, got {write!r}")
-    d, h, r, m = math.prod(image_shape), controller, read_heads, memory_size
+    d, h, r, m = _encoder_size(image_shape, encoder_channels), controller, read_heads, memory_size
     a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
+    n_encoder = 2 * ENCODER_BLOCKS if encoder_channels else 0
 
     def init(seed, dtype=tf.float32):
         _check(seed)
-        return [_glorot(seed, 0, [d + n_classes, 4 * h], dtype),
+        return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
+                _input_kernel(seed, math.prod(image_shape), d, n_classes, 4 * h, dtype),
                 _glorot(seed, 1, [h + r * m, 4 * h], dtype), _lstm_bias(h, dtype),
                 _glorot(seed, 2, [h, r * (a + 2)], dtype), _head_bias(r, a, dtype),
                 _glorot(seed, 3, [h + r * m, n_classes], dtype), tf.zeros([n_classes], dtype)]
 
     def apply(weights, episode):
-        w_in, w_rec, b, w_head, b_head, w_out, b_out = weights
+        w_in, w_rec, b, w_head, b_head, w_out, b_out = weights[n_encoder:]
         images, previous_labels = episode
+        images = _encode(weights[:n_encoder], tf.convert_to_tensor(images))
         pre_inputs = _inputs(w_in, images, previous_labels, n_classes) + b
         batch, dtype = pre_inputs.shape[1], pre_inputs.dtype
 
@@ -235,23 +311,28 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     return init, apply
 
 
-def lstm(n_classes, image_shape, units=200):
+def lstm(n_classes, image_shape, units=200, encoder_channels=0):
     """``(init, apply)`` of the baseline: the same LSTM (``units`` cells) on the same inputs
-    (image and previous label), no memory. Weights ``[w_in (D + n_classes, 4H), w_rec (H, 4H),
-    b (4H,), w_out (H, n_classes), b_out]``; ``apply`` as ``mann``'s."""
+    (image, through the same optional encoder, and previous label), no memory. Weights
+    ``[*encoder, w_in (D + n_classes, 4H), w_rec (H, 4H), b (4H,), w_out (H, n_classes), b_out]``;
+    ``apply`` as ``mann``'s."""
     _check_sizes(n_classes=n_classes, units=units)
-    d, h = math.prod(image_shape), units
+    _check_encoder(encoder_channels)
+    d, h = _encoder_size(image_shape, encoder_channels), units
+    n_encoder = 2 * ENCODER_BLOCKS if encoder_channels else 0
 
     def init(seed, dtype=tf.float32):
         _check(seed)
-        return [_glorot(seed, 0, [d + n_classes, 4 * h], dtype),
+        return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
+                _input_kernel(seed, math.prod(image_shape), d, n_classes, 4 * h, dtype),
                 _glorot(seed, 1, [h, 4 * h], dtype),
                 _lstm_bias(h, dtype), _glorot(seed, 3, [h, n_classes], dtype),
                 tf.zeros([n_classes], dtype)]
 
     def apply(weights, episode):
-        w_in, w_rec, b, w_out, b_out = weights
+        w_in, w_rec, b, w_out, b_out = weights[n_encoder:]
         images, previous_labels = episode
+        images = _encode(weights[:n_encoder], tf.convert_to_tensor(images))
         pre_inputs = _inputs(w_in, images, previous_labels, n_classes) + b
 
         def step(carry, pre_input):

@@ -115,9 +115,11 @@ def network(config, n_way=None):
         return mann.mann(way, tuple(config["image_shape"]), controller=config["controller"],
                          memory_slots=config["memory_slots"], memory_size=config["memory_size"],
                          read_heads=config["read_heads"], gamma=config["gamma"],
-                         write=config.get("write", "key"))
+                         write=config.get("write", "key"),
+                         encoder_channels=config.get("encoder_channels", 0))
     if config["net"] == "lstm":
-        return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"])
+        return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"],
+                         encoder_channels=config.get("encoder_channels", 0))
     if config["net"] in IMAGE_NETS:
         head = None if config["family"] == "protonet" else way
         shape = tuple(config["image_shape"])

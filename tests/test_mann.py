@@ -146,6 +146,148 @@ def test_model_is_causal_and_reads_the_previous_label():
 
 
 # ---------------------------------------------------------------------------------------------
+# The convolutional encoder (fm-train --backbone=conv4 for mann/lstm)
+
+
+def numpy_encoder(weights, image):
+    """Blocks of 3x3 'SAME' convolution, bias, ReLU and 2x2 max pooling of one image ``[H, W, C]``,
+    written out pixel by pixel; the features flattened."""
+    x = image
+    for kernel, bias in zip(weights[::2], weights[1::2]):
+        h, w, _ = x.shape
+        padded = np.pad(x, [(1, 1), (1, 1), (0, 0)])
+        y = np.zeros((h, w, kernel.shape[-1]))
+        for i in range(h):
+            for j in range(w):
+                y[i, j] = np.einsum('abc,abco->o', padded[i:i + 3, j:j + 3], kernel) + bias
+        y = np.maximum(y, 0.0)
+        x = y[:h // 2 * 2, :w // 2 * 2].reshape(h // 2, 2, w // 2, 2, -1).max(axis=(1, 3))
+    return x.reshape(-1)
+
+
+ENCODED = dict(n_classes=3, image_shape=(17, 16, 1), encoder_channels=3)
+
+
+def encoded_sequence(batch=2, steps=5, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=(batch, steps)).astype(np.int32)
+    return rng.uniform(size=(batch, steps, 17, 16, 1)), sequences.previous_labels(labels), labels
+
+
+def test_encoder_matches_numpy_and_feeds_the_controller_its_features():
+    init, apply = mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
+    weights = [w + 0.05 for w in init(3, dtype=tf.float64)]  # nonzero biases
+    assert len(weights) == 2 * mann.ENCODER_BLOCKS + 7
+    encoder = [w.numpy() for w in weights[:2 * mann.ENCODER_BLOCKS]]
+    images, previous, _ = encoded_sequence()
+    inputs = mann._encode(weights[:2 * mann.ENCODER_BLOCKS], tf.constant(images)).numpy()
+    assert inputs.shape == (2, 5, 17 * 16 + 3)               # the pixels; 17x16 -> 1x1 x 3
+    for b in range(2):
+        for t in range(5):
+            np.testing.assert_array_equal(inputs[b, t, :-3], images[b, t].reshape(-1))
+            features = numpy_encoder(encoder, images[b, t])
+            normalised = (features - features.mean()) / np.sqrt(features.var()
+                                                                + mann.LAYER_NORM_EPSILON)
+            np.testing.assert_allclose(inputs[b, t, -3:], normalised, rtol=1e-10, atol=1e-10)
+    # The controller reads them: the MANN equals the pixel MANN given them as 1x1xD "images"
+    # with the same remaining weights.
+    _, pixel_apply = mann.mann(n_classes=3, image_shape=(1, 1, inputs.shape[-1]), controller=4,
+                               memory_slots=5, memory_size=3, read_heads=2)
+    np.testing.assert_allclose(
+        apply(weights, (images, previous)).numpy(),
+        pixel_apply(weights[2 * mann.ENCODER_BLOCKS:],
+                    (inputs.reshape(2, 5, 1, 1, -1), previous)).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize('model', ['mann', 'lstm'])
+def test_encoder_model_starts_as_the_pixel_model(model):
+    """At init the features' rows of ``w_in`` are zero: the logits are the pixel model's with the
+    same weights (those rows removed); the encoder still has a gradient through ``w_in``'s."""
+    kw = dict(controller=4, memory_slots=5, memory_size=3, read_heads=2) if model == 'mann' \
+        else dict(units=4)
+    build = mann.mann if model == 'mann' else mann.lstm
+    init, apply = build(**ENCODED, **kw)
+    _, pixel_apply = build(n_classes=3, image_shape=(17, 16, 1), **kw)
+    weights = init(2, dtype=tf.float64)
+    n = 2 * mann.ENCODER_BLOCKS
+    w_in = weights[n].numpy()
+    assert not w_in[272:275].any() and w_in[:272].any() and w_in[275:].any()
+    pixel_weights = [tf.constant(np.delete(w_in, [272, 273, 274], axis=0)), *weights[n + 1:]]
+    images, previous, labels = encoded_sequence()
+    np.testing.assert_allclose(apply(weights, (images, previous)).numpy(),
+                               pixel_apply(pixel_weights, (images, previous)).numpy(), rtol=1e-12)
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        loss = mann.loss_and_logits(apply, weights, (images, previous, labels))[0]
+    grads = tape.gradient(loss, weights)
+    assert np.abs(grads[n].numpy()[272:275]).max() > 1e-6
+
+
+@pytest.mark.parametrize('model', ['mann', 'lstm'])
+def test_encoder_gradient_matches_finite_differences(model):
+    init, apply = (mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
+                   if model == 'mann' else mann.lstm(**ENCODED, units=4))
+    shift = np.random.default_rng(5)                         # nonzero feature rows and biases
+    weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
+    batch = encoded_sequence()
+
+    def loss(ws):
+        return mann.loss_and_logits(apply, ws, batch)[0]
+
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        value = loss(weights)
+    grads = tape.gradient(value, weights)
+    rng = np.random.default_rng(4)
+    eps = 1e-6
+    for i, w in enumerate(weights[:2 * mann.ENCODER_BLOCKS + 1]):   # the encoder and w_in
+        d = tf.constant(rng.normal(size=w.shape))
+        plus = loss([v + eps * d if j == i else v for j, v in enumerate(weights)])
+        minus = loss([v - eps * d if j == i else v for j, v in enumerate(weights)])
+        numeric = float(plus - minus) / (2 * eps)
+        assert float(tf.reduce_sum(grads[i] * d)) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+        assert abs(numeric) > 1e-8, f"weight {i} has no effect on the loss"
+
+
+def test_encoded_steps_see_neither_later_images_nor_other_episodes():
+    init, apply = mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
+    weights = init(0, dtype=tf.float64)
+    images, previous, _ = encoded_sequence(steps=6)
+    base = apply(weights, (images, previous)).numpy()
+    changed = images.copy()
+    changed[0, 3:] = 1.0 - changed[0, 3:]                    # episode 0 from step 3 on
+    after = apply(weights, (changed, previous)).numpy()
+    np.testing.assert_array_equal(after[0, :3], base[0, :3])
+    np.testing.assert_array_equal(after[1], base[1])
+    assert np.abs(after[0, 3:] - base[0, 3:]).max() > 1e-8
+
+
+def test_encoder_configs_and_flags(tmp_path):
+    config = configs.make_config('mann', backbone='conv4')
+    assert (config['net'], config['encoder_channels']) == ('mann', 32)
+    assert 'channels' not in config
+    assert configs.make_config('lstm', backbone='conv4', channels=16)['encoder_channels'] == 16
+    assert configs.make_config('mann')['encoder_channels'] == 0
+    with pytest.raises(ValueError, match="channels is the width of the encoder"):
+        configs.make_config('mann', channels=16)
+    with pytest.raises(ValueError, match="backbone for mann/lstm must be 'conv4'"):
+        configs.make_config('mann', backbone='resnet12')
+    with pytest.raises(ValueError, match='too small'):
+        mann.mann(n_classes=3, image_shape=(8, 8, 1), encoder_channels=4)
+    with pytest.raises(ValueError, match='encoder_channels must be 0'):
+        mann.lstm(n_classes=3, image_shape=(16, 16, 1), encoder_channels=-1)
+    learner = training.make_learner(config, jit_compile=False)
+    assert len(learner.init(0)['weights']) == 2 * mann.ENCODER_BLOCKS + 7
+    old = {k: v for k, v in config.items() if k != 'encoder_channels'}
+    (tmp_path / 'config.json').write_text(json.dumps(old))
+    assert configs.read_config(tmp_path / 'config.json')['encoder_channels'] == 0
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match="--backbone: backbone for mann/lstm must be 'conv4'"):
+        with flagsaver.flagsaver(algorithm='mann', backbone='resnet12', out_dir=str(tmp_path)):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
 # The episode protocol
 
 

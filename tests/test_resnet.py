@@ -190,7 +190,7 @@ def test_resnet12_flops_match_a_hand_count_and_the_compiled_convolutions():
 @pytest.mark.parametrize("argv, names", [
     (["--algorithm=protonet", "--backbone=resnet18"], "--backbone"),
     (["--algorithm=protonet", "--backbone=resnet12", "--pool=max"], "--backbone.*pool"),
-    (["--algorithm=mann", "--backbone=resnet12"], "--backbone.*'mann'"),
+    (["--algorithm=mann", "--backbone=resnet12"], "--backbone.*mann/lstm must be 'conv4'"),
     (["--algorithm=maml_rl", "--backbone=conv4"], "--backbone.*policy"),
     (["--algorithm=protonet", "--backbone=resnet12", "--channels=0"], "--channels"),
 ])
