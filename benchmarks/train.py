@@ -250,9 +250,10 @@ def sized_image_shape(config, size):
     if not fits(size):
         smallest = next((s for s in range(size + 1, 4 * size + 64) if fits(s)), None)
         allowed = f"at least {smallest}" if smallest else "larger"
-        raise app.UsageError(f"--image_size={size} is too small for net={config['net']}"
-                             f"{' pool=' + repr(config['pool']) if 'pool' in config else ''} "
-                             f"(and --augment_shift={config['augment_shift']}): allowed {allowed}")
+        shift = f" and --augment_shift={config['augment_shift']}" if config["augment_shift"] else ""
+        pool = f" (pool={config['pool']!r})" if "pool" in config else ""
+        raise app.UsageError(f"--image_size={size} is too small for net={config['net']}{pool}"
+                             f"{shift}: allowed {allowed}")
     return (size, size, shape[2])
 
 
