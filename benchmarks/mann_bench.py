@@ -9,6 +9,7 @@ Examples:
   fm-mann-bench                                   # MANN, mann_omniglot_5way (50 steps, batch 16)
   fm-mann-bench --algorithm=lstm --json
   fm-mann-bench --interleaved --steps=30          # XLA against no XLA, in alternating rounds
+  fm-mann-bench --encoder_channels=32             # with fm-train --backbone=conv4's encoder
 """
 
 from absl import app, flags
@@ -35,6 +36,10 @@ def define_flags():
                       "them in alternating rounds, so the machine's drift hits both alike; prints "
                       "both rows and the ratio of the median step times.")
     flags.DEFINE_integer("seed", 0, "Seed of the initial weights and the random batch.",
+                         lower_bound=0)
+    flags.DEFINE_integer("encoder_channels", 0, "Filters per block of the convolutional encoder "
+                         "whose features the controller reads beside the pixels (fm-train "
+                         "--backbone=conv4 --channels=C); 0: the pixels alone, as the paper.",
                          lower_bound=0)
     flag_groups.define_benchmark_flags()
 
@@ -64,7 +69,9 @@ def main(argv):
     from functional_meta import configs, training
 
     config = configs.make_config(FLAGS.algorithm, preset=FLAGS.preset,
-                                 meta_batch=FLAGS.meta_batch)
+                                 meta_batch=FLAGS.meta_batch,
+                                 backbone="conv4" if FLAGS.encoder_channels else None,
+                                 channels=FLAGS.encoder_channels or None)
     batch = tuple(tf.constant(x) for x in random_batch(config, FLAGS.seed))
     device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     default = "xla" if training.default_jit(FLAGS.algorithm) else "function"
@@ -80,8 +87,10 @@ def main(argv):
         timings = {modes[0]: runner.time_steps(step, state, lambda: batch, FLAGS.steps,
                                                FLAGS.warmup, FLAGS.profile_dir)}
     memory, what = runner.peak_memory(device)
-    header = (f"fm-mann-bench: {FLAGS.algorithm} ({FLAGS.preset}), {config['meta_batch']} "
-              f"sequences of {config['n_way'] * config['k_shot']} steps, on "
+    encoder = (f", encoder of {FLAGS.encoder_channels} filters" if FLAGS.encoder_channels
+               else "")
+    header = (f"fm-mann-bench: {FLAGS.algorithm} ({FLAGS.preset}){encoder}, "
+              f"{config['meta_batch']} sequences of {config['n_way'] * config['k_shot']} steps, on "
               f"{runner.device_name(device)}")
     for mode, timing in timings.items():
         report.report_reference(

@@ -579,3 +579,21 @@ def test_mann_recalls_held_out_omniglot_characters(omniglot_paths, tmp_path):
     # Before learning, guessing a label not yet seen gives the 1st instance ~0.6 and the 2nd less;
     # this run's gap was 0.10 here: 0.05 leaves room for another CPU's rounding of 2000 steps.
     assert gap > 0.05 and gap > scores['instance_2_ci95'] + scores['instance_1_ci95'], scores
+
+
+@pytest.mark.slow
+def test_fm_mann_bench_times_the_encoder_model():
+    """fm-mann-bench in a process of its own (its flags share names with fm-train's)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.mann_bench', '--meta_batch=2',
+                             '--steps=2', '--encoder_channels=4', '--json'], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'encoder of 4 filters, 2 sequences of 50 steps' in result.stdout
+    line = json.loads(next(x for x in result.stdout.splitlines() if x.startswith('{')))
+    assert line['config']['encoder_channels'] == 4 and line['config']['meta_batch'] == 2
+    bad = subprocess.run([sys.executable, '-m', 'benchmarks.mann_bench', '--encoder_channels=-1'],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and '--encoder_channels' in bad.stderr
