@@ -106,8 +106,12 @@ def test_sequence_gradient_matches_finite_differences(model):
                    if model != 'lstm' else mann.lstm(**TINY, units=5))
     weights = [w * 3 for w in init(1, dtype=tf.float64)]     # larger weights: saturating gates
     weights = [w + 0.1 for w in weights]                     # nonzero biases
-    batch = tiny_sequence()
+    check_finite_differences(apply, weights, tiny_sequence(), range(len(weights)), seed=2)
 
+
+def check_finite_differences(apply, weights, batch, indices, seed):
+    """The sequence loss's gradient along one random direction per weight tensor in ``indices``
+    against central differences (float64); each of those tensors must move the loss."""
     def loss(ws):
         return mann.loss_and_logits(apply, ws, batch)[0]
 
@@ -115,15 +119,16 @@ def test_sequence_gradient_matches_finite_differences(model):
         tape.watch(weights)
         value = loss(weights)
     grads = tape.gradient(value, weights)
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     eps = 1e-6
-    for i, w in enumerate(weights):                          # one random direction per tensor
-        d = tf.constant(rng.normal(size=w.shape))
+    for i in indices:
+        d = tf.constant(rng.normal(size=weights[i].shape))
         plus = loss([v + eps * d if j == i else v for j, v in enumerate(weights)])
         minus = loss([v - eps * d if j == i else v for j, v in enumerate(weights)])
         numeric = float(plus - minus) / (2 * eps)
         analytic = float(tf.reduce_sum(grads[i] * d))
         assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9), f"weight {i}"
+        assert abs(numeric) > 1e-8, f"weight {i} has no effect on the loss"
 
 
 def test_model_is_causal_and_reads_the_previous_label():
@@ -229,24 +234,8 @@ def test_encoder_gradient_matches_finite_differences(model):
                    if model == 'mann' else mann.lstm(**ENCODED, units=4))
     shift = np.random.default_rng(5)                         # nonzero feature rows and biases
     weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
-    batch = encoded_sequence()
-
-    def loss(ws):
-        return mann.loss_and_logits(apply, ws, batch)[0]
-
-    with tf.GradientTape() as tape:
-        tape.watch(weights)
-        value = loss(weights)
-    grads = tape.gradient(value, weights)
-    rng = np.random.default_rng(4)
-    eps = 1e-6
-    for i, w in enumerate(weights[:2 * mann.ENCODER_BLOCKS + 1]):   # the encoder and w_in
-        d = tf.constant(rng.normal(size=w.shape))
-        plus = loss([v + eps * d if j == i else v for j, v in enumerate(weights)])
-        minus = loss([v - eps * d if j == i else v for j, v in enumerate(weights)])
-        numeric = float(plus - minus) / (2 * eps)
-        assert float(tf.reduce_sum(grads[i] * d)) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
-        assert abs(numeric) > 1e-8, f"weight {i} has no effect on the loss"
+    check_finite_differences(apply, weights, encoded_sequence(),
+                             range(2 * mann.ENCODER_BLOCKS + 1), seed=4)   # encoder and w_in
 
 
 def test_encoded_steps_see_neither_later_images_nor_other_episodes():
