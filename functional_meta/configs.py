@@ -218,8 +218,8 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
         if config.get("channels") is not None and backbone is None:
             raise ValueError("channels is the width of the encoder of mann/lstm: give it with "
                              "backbone='conv4' (without, the controller reads the pixels)")
-        config["encoder_channels"] = (config.pop("channels", None) or SEQUENCE_ENCODER_CHANNELS
-                                      if backbone else 0)
+        channels = config.pop("channels", None)
+        config["encoder_channels"] = (channels or SEQUENCE_ENCODER_CHANNELS) if backbone else 0
     if algorithm in SUPERVISED_ALGORITHMS:
         family = "supervised"
     if config["family"] != family:

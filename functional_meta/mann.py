@@ -224,6 +224,27 @@ def _input_kernel(seed, pixels, d, n_classes, width, dtype):
     return kernel * keep[:, None]
 
 
+def _front(image_shape, n_classes, width, encoder_channels):
+    """The input side that ``mann`` and ``lstm`` share: ``(init, pre_inputs, n)`` with
+    ``init(seed, dtype) -> [*encoder, w_in]`` (``n`` tensors) and ``pre_inputs(those weights,
+    (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias)."""
+    _check_encoder(encoder_channels)
+    pixels = math.prod(image_shape)
+    d = _encoder_size(image_shape, encoder_channels)
+    n = 2 * ENCODER_BLOCKS + 1 if encoder_channels else 1
+
+    def init(seed, dtype):
+        return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
+                _input_kernel(seed, pixels, d, n_classes, width, dtype)]
+
+    def pre_inputs(weights, episode):
+        images, previous_labels = episode
+        images = _encode(weights[:-1], tf.convert_to_tensor(images))
+        return _inputs(weights[-1], images, previous_labels, n_classes)
+
+    return init, pre_inputs, n
+
+
 def _encode(weights, images):
     """The controller's image input ``[B, T, D]``: each image of ``images [B, T, H, W, C]``
     flattened, then (with encoder weights) its features, normalised to zero mean and unit
@@ -263,30 +284,26 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     """
     _check_sizes(n_classes=n_classes, controller=controller, memory_slots=memory_slots,
                  memory_size=memory_size, read_heads=read_heads)
-    _check_encoder(encoder_channels)
     if read_heads > memory_slots:
         raise ValueError(f"read_heads={read_heads} must not exceed memory_slots={memory_slots}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma (usage decay) must be in [0, 1], got {gamma!r}")
     if write not in WRITES:
         raise ValueError(f"write must be one of {list(WRITES)}, got {write!r}")
-    d, h, r, m = _encoder_size(image_shape, encoder_channels), controller, read_heads, memory_size
+    h, r, m = controller, read_heads, memory_size
     a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
-    n_encoder = 2 * ENCODER_BLOCKS if encoder_channels else 0
+    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
-        return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
-                _input_kernel(seed, math.prod(image_shape), d, n_classes, 4 * h, dtype),
+        return [*front_init(seed, dtype),
                 _glorot(seed, 1, [h + r * m, 4 * h], dtype), _lstm_bias(h, dtype),
                 _glorot(seed, 2, [h, r * (a + 2)], dtype), _head_bias(r, a, dtype),
                 _glorot(seed, 3, [h + r * m, n_classes], dtype), tf.zeros([n_classes], dtype)]
 
     def apply(weights, episode):
-        w_in, w_rec, b, w_head, b_head, w_out, b_out = weights[n_encoder:]
-        images, previous_labels = episode
-        images = _encode(weights[:n_encoder], tf.convert_to_tensor(images))
-        pre_inputs = _inputs(w_in, images, previous_labels, n_classes) + b
+        w_rec, b, w_head, b_head, w_out, b_out = weights[n_front:]
+        pre_inputs = front(weights[:n_front], episode) + b
         batch, dtype = pre_inputs.shape[1], pre_inputs.dtype
 
         def step(carry, pre_input):
@@ -317,23 +334,19 @@ def lstm(n_classes, image_shape, units=200, encoder_channels=0):
     ``[*encoder, w_in (D + n_classes, 4H), w_rec (H, 4H), b (4H,), w_out (H, n_classes), b_out]``;
     ``apply`` as ``mann``'s."""
     _check_sizes(n_classes=n_classes, units=units)
-    _check_encoder(encoder_channels)
-    d, h = _encoder_size(image_shape, encoder_channels), units
-    n_encoder = 2 * ENCODER_BLOCKS if encoder_channels else 0
+    h = units
+    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
-        return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
-                _input_kernel(seed, math.prod(image_shape), d, n_classes, 4 * h, dtype),
+        return [*front_init(seed, dtype),
                 _glorot(seed, 1, [h, 4 * h], dtype),
                 _lstm_bias(h, dtype), _glorot(seed, 3, [h, n_classes], dtype),
                 tf.zeros([n_classes], dtype)]
 
     def apply(weights, episode):
-        w_in, w_rec, b, w_out, b_out = weights[n_encoder:]
-        images, previous_labels = episode
-        images = _encode(weights[:n_encoder], tf.convert_to_tensor(images))
-        pre_inputs = _inputs(w_in, images, previous_labels, n_classes) + b
+        w_rec, b, w_out, b_out = weights[n_front:]
+        pre_inputs = front(weights[:n_front], episode) + b
 
         def step(carry, pre_input):
             hidden, cell = carry
