@@ -93,6 +93,13 @@ flags.DEFINE_integer("channels", None, "Width: conv4's filters per block (e.g. 6
                      "published 64-160-320-640, 32 a narrower 32-80-160-320. Default: the "
                      "preset's (64 for Omniglot).", lower_bound=1)
 flags.DEFINE_enum("pool", None, ["stride", "max"], "conv4 downsampling.")
+flags.DEFINE_string("encoder_from", None, "mann/lstm with --backbone=conv4: start the encoder "
+                    "from a ProtoNet run's conv4 embedding (its folder, whose best or else latest "
+                    "checkpoint is read, or a checkpoint prefix), each batch norm fixed to the "
+                    "statistics of this run's training images and folded into its convolution. "
+                    "Its width is the encoder's (--channels, if given, must match). The ProtoNet "
+                    "must have trained on images of this run's size and on none of this run's "
+                    "validation or test classes.")
 flags.DEFINE_integer("image_size", None, "Image data (--data=omniglot, omniglot_tfds, folder, "
                      "synthetic): train on SxS images, area-resized from the source, with the "
                      "preset's channels, e.g. 56 for Omniglot at twice the presets' 28x28 "
@@ -184,6 +191,13 @@ def _check_optimizer(values):
             or values["algorithm"] in (None, *configs.SEQUENCE_ALGORITHMS))
 
 
+@flags.multi_flags_validator(["encoder_from", "algorithm", "backbone"],
+                             "--encoder_from needs --algorithm=mann or lstm and --backbone=conv4")
+def _check_encoder_from(values):
+    return values["encoder_from"] is None or values["algorithm"] is None or (
+        values["algorithm"] in configs.SEQUENCE_ALGORITHMS and values["backbone"] == "conv4")
+
+
 def config_from_flags():
     """The training config (preset + flags + data settings); ``app.UsageError`` on bad input."""
     hidden = None
@@ -223,6 +237,59 @@ def config_from_flags():
     if FLAGS.image_size is not None:
         config["image_shape"] = sized_image_shape(config, FLAGS.image_size)
     return config
+
+
+# Images per training class whose statistics fix --encoder_from's batch norms.
+STATISTICS_IMAGES = 4
+
+
+def pretrained_encoder(path, config, train_classes, held_out):
+    """The weights of ``--encoder_from`` for this run's encoder (``nets.fold_batch_norm`` over
+    ``STATISTICS_IMAGES`` images of each of ``train_classes``); sets ``config``'s
+    ``encoder_channels`` and ``encoder_from``. ``app.UsageError`` naming the flag for a run that
+    is not a max-pooling conv4 ProtoNet at this image size, or that trained on any class of the
+    ``held_out`` splits."""
+    import numpy as np
+    from functional_meta import checkpoints, nets, training
+    try:
+        source, _ = configs.load_config(path)
+    except ValueError as error:
+        raise app.UsageError(f"--encoder_from: {error}") from None
+    if (source["algorithm"], source.get("net"), source.get("pool")) != ("protonet", "conv4", "max"):
+        raise app.UsageError(f"--encoder_from={path} is a {source['algorithm']} run with net "
+                             f"{source.get('net')!r}; it must be a ProtoNet run with conv4 and "
+                             "max pooling")
+    if list(source["image_shape"]) != list(config["image_shape"]):
+        raise app.UsageError(f"--encoder_from={path} trained on images of shape "
+                             f"{source['image_shape']}, this run's are {config['image_shape']} "
+                             "(ProtoNet's --image_size must match)")
+    if FLAGS.channels is not None and FLAGS.channels != source["channels"]:
+        raise app.UsageError(f"--channels={FLAGS.channels} but --encoder_from={path} has "
+                             f"{source['channels']} channels; leave out --channels")
+    source_train = training.load_splits(source)[0]
+    seen = set(zip(source_train.groups, source_train.names))
+    leaked = [name for split in held_out
+              for name in set(zip(split.groups, split.names)) & seen]
+    if leaked:
+        raise app.UsageError(f"--encoder_from={path} trained on {len(leaked)} classes this run "
+                             f"holds out for validation or test (e.g. {sorted(leaked)[0]})")
+    learner = training.make_learner(source)
+    state, _, found = checkpoints.restore_state(learner, path)
+    images = np.concatenate([x[:STATISTICS_IMAGES] for x in train_classes.images]) / 255.0
+    config.update(encoder_channels=source["channels"], encoder_from=str(found))
+    logging.info("encoder from %s, batch norm fixed to %d training images", found, len(images))
+    return nets.fold_batch_norm(state["weights"], images.astype(np.float32))
+
+
+def _starting_from(encoder, init, optimizer):
+    """``init(seed)`` of a MANN or LSTM learner with ``encoder`` in place of its encoder."""
+    from functional_meta import mann
+
+    def start(seed):
+        weights = init(seed)["weights"]
+        return mann.init_state([*encoder, *weights[len(encoder):]], optimizer)
+
+    return start
 
 
 # Sources that data.load resizes to a requested size (MNIST's images come at 28x28 as stored).
@@ -353,11 +420,15 @@ def main(argv):
                      len(val_classes), len(test_classes))
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
+    encoder = FLAGS.encoder_from and pretrained_encoder(FLAGS.encoder_from, config, train_classes,
+                                                        [val_classes, test_classes])
     try:
         learner = training.make_learner(config, jit_compile=FLAGS.jit, strategy=strategy,
                                         task_chunk=FLAGS.task_chunk)
     except ValueError as error:
         raise app.UsageError(f"bad flags (--strategy/--meta_batch/--task_chunk): {error}") from None
+    if encoder:
+        learner = learner._replace(init=_starting_from(encoder, learner.init, config["optimizer"]))
     validate = None
     if supervised:
         from functional_meta import domains

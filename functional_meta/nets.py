@@ -492,6 +492,27 @@ def conv4(n_way=None, channels=64, in_shape=(28, 28, 1), pool="stride", blocks=4
     return init, apply
 
 
+def fold_batch_norm(weights, images):
+    """conv4's weights (``pool='max'``, no head) as ``[kernel, bias]`` per block of the same
+    network without batch norm: each batch norm fixed to the statistics of ``images [n, H, W, C]``
+    and folded into its convolution, so that 3x3 'SAME' convolution, bias, ReLU and 2x2 max
+    pooling give every image what ``apply(weights, [images; image], bn_rows=n)`` gives it. Lets a
+    model that must encode each image on its own (``mann``'s encoder) start from an embedding
+    trained with batch norm."""
+    if not weights or len(weights) % 3:
+        raise ValueError(f"fold_batch_norm takes conv4 weights without a head (3 per block), got "
+                         f"{len(weights)} tensors")
+    x = tf.convert_to_tensor(images, weights[0].dtype)
+    folded = []
+    for kernel, scale, offset in zip(weights[::3], weights[1::3], weights[2::3]):
+        y = tf.nn.conv2d(x, kernel, 1, "SAME")
+        mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
+        factor = scale * tf.math.rsqrt(variance + BN_EPSILON)
+        folded += [kernel * factor, offset - mean * factor]
+        x = tf.nn.max_pool2d(tf.nn.relu(y * factor + folded[-1]), 2, 2, "VALID")
+    return folded
+
+
 # ResNet-12's widths in MetaOptNet (Lee et al. 2019) and TADAM (Oreshkin et al. 2018).
 RESNET12_WIDTHS = (64, 160, 320, 640)
 LEAKY_SLOPE = 0.1

@@ -14,7 +14,7 @@ from absl.testing import flagsaver
 
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
-from functional_meta import (checkpoints, configs, data, episodes, mann, optim, sequences,
+from functional_meta import (checkpoints, configs, data, episodes, mann, nets, optim, sequences,
                              training)
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
@@ -522,6 +522,49 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     assert plot.stat().st_size > 1000
     with pytest.raises(app.UsageError, match='--plot_instances draws accuracy by instance'):
         run_binary(eval_bin, ['--method=nn', '--data=synthetic', f'--plot_instances={plot}'])
+
+
+@pytest.mark.slow
+def test_encoder_from_a_protonet_run_starts_from_its_folded_embedding(tmp_path):
+    proto = str(tmp_path / 'proto')
+    run_binary(train_bin, ['--algorithm=protonet', '--data=synthetic', '--image_size=20',
+                           '--channels=6', '--n_way=3', '--k_shot=1', '--q_query=2', '--steps=2',
+                           '--val_every=0', f'--out_dir={proto}', '--nojit'])
+    run = str(tmp_path / 'mann')
+    common = ['--algorithm=mann', '--data=synthetic', '--backbone=conv4', '--n_way=3',
+              '--k_shot=4', '--meta_batch=2', '--steps=1', '--val_every=0', '--nojit']
+    run_binary(train_bin, common + [f'--encoder_from={proto}', f'--out_dir={run}'])
+    config, _ = configs.load_config(run)
+    assert config['encoder_channels'] == 6 and config['encoder_from'].endswith('ckpt-2')
+    # The features' rows of w_in start at zero, so step 1 gives the encoder no gradient and Adam
+    # leaves it as it started: the ProtoNet's embedding folded with the training images' statistics.
+    weights = checkpoints.restore_state(training.make_learner(config), run)[0]['weights']
+    proto_weights = checkpoints.restore_state(
+        training.make_learner(configs.load_config(proto)[0]), proto)[0]['weights']
+    images = np.concatenate([x[:train_bin.STATISTICS_IMAGES]
+                             for x in training.load_splits(config)[0].images]) / 255.0
+    want = nets.fold_batch_norm(proto_weights, images.astype(np.float32))
+    for got, expected in zip(weights[:len(want)], want):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(weights[0], mann.mann(3, (20, 20, 1), encoder_channels=6)[0](0)[0])
+
+    def refused(extra, match):
+        with pytest.raises(app.UsageError, match=match):
+            run_binary(train_bin, common + extra + [f'--out_dir={tmp_path / "refused"}'])
+    refused([f'--encoder_from={proto}', '--channels=8'], 'has 6 channels')
+    refused([f'--encoder_from={run}'], 'must be a ProtoNet run')
+    other = str(tmp_path / 'other')
+    run_binary(train_bin, ['--algorithm=protonet', '--data=synthetic', '--channels=6', '--steps=1',
+                           '--n_way=3', '--val_every=0', f'--out_dir={other}', '--nojit'])
+    refused([f'--encoder_from={other}'], r'images of shape \[28, 28, 1\]')
+    leaky = str(tmp_path / 'leaky')
+    run_binary(train_bin, ['--algorithm=protonet', '--data=synthetic', '--image_size=20',
+                           '--channels=6', '--steps=1', '--n_way=3', '--val_every=0',
+                           '--split_seed=1', f'--out_dir={leaky}', '--nojit'])
+    refused([f'--encoder_from={leaky}'], 'classes this run holds out')
+    with pytest.raises(flags.IllegalFlagValueError, match='--encoder_from needs'):
+        with flagsaver.flagsaver(algorithm='mann', encoder_from=proto):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------

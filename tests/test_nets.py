@@ -51,6 +51,21 @@ def test_conv4_matches_reference_loops(pool, shape, blocks):
     np.testing.assert_allclose(got, np_conv4(weights, x, pool, blocks, True), rtol=1e-9, atol=1e-9)
 
 
+def test_fold_batch_norm_gives_each_image_the_fixed_statistics_output():
+    init, apply = nets.conv4(channels=5, in_shape=(12, 10, 2), pool="max", blocks=3)
+    rng = np.random.default_rng(4)
+    weights = [w + rng.normal(size=w.shape) for w in init(2, tf.float64)]   # scales of both signs
+    reference, images = rng.normal(size=(7, 12, 10, 2)), rng.normal(size=(3, 12, 10, 2))
+    x = tf.constant(images)
+    for kernel, bias in zip(*[iter(nets.fold_batch_norm(weights, reference))] * 2):
+        x = tf.nn.max_pool2d(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME") + bias), 2, 2, "VALID")
+    want = apply(weights, np.concatenate([reference, images]), bn_rows=7)[7:]
+    np.testing.assert_allclose(tf.reshape(x, [3, -1]), want, rtol=1e-9, atol=1e-12)
+    assert np.std(want) > 0.1                            # the features do not vanish
+    with pytest.raises(ValueError, match="3 per block"):
+        nets.fold_batch_norm(nets.conv4(n_way=2, channels=3)[0](0), reference)
+
+
 def test_conv4_task_axis_per_task_weights_equal_separate_calls():
     init, apply = nets.conv4(n_way=3, channels=4, in_shape=(8, 8, 1), blocks=2)
     w_a, w_b = init(0, tf.float64), init(1, tf.float64)
