@@ -100,6 +100,9 @@ flags.DEFINE_string("encoder_from", None, "mann/lstm with --backbone=conv4: star
                     "Its width is the encoder's (--channels, if given, must match). The ProtoNet "
                     "must have trained on images of this run's size and on none of this run's "
                     "validation or test classes.")
+flags.DEFINE_bool("freeze_encoder", False, "mann/lstm with --backbone=conv4: keep the encoder "
+                  "as it starts (e.g. from --encoder_from); only the controller, memory heads "
+                  "and output layer train.")
 flags.DEFINE_integer("image_size", None, "Image data (--data=omniglot, omniglot_tfds, folder, "
                      "synthetic): train on SxS images, area-resized from the source, with the "
                      "preset's channels, e.g. 56 for Omniglot at twice the presets' 28x28 "
@@ -191,11 +194,13 @@ def _check_optimizer(values):
             or values["algorithm"] in (None, *configs.SEQUENCE_ALGORITHMS))
 
 
-@flags.multi_flags_validator(["encoder_from", "algorithm", "backbone"],
-                             "--encoder_from needs --algorithm=mann or lstm and --backbone=conv4")
+@flags.multi_flags_validator(["encoder_from", "freeze_encoder", "algorithm", "backbone"],
+                             "--encoder_from and --freeze_encoder need --algorithm=mann or lstm "
+                             "and --backbone=conv4")
 def _check_encoder_from(values):
-    return values["encoder_from"] is None or values["algorithm"] is None or (
-        values["algorithm"] in configs.SEQUENCE_ALGORITHMS and values["backbone"] == "conv4")
+    return not (values["encoder_from"] or values["freeze_encoder"]) or (
+        values["algorithm"] is None
+        or values["algorithm"] in configs.SEQUENCE_ALGORITHMS and values["backbone"] == "conv4")
 
 
 def config_from_flags():
@@ -236,6 +241,8 @@ def config_from_flags():
                   split_seed=FLAGS.split_seed, seed=FLAGS.seed)
     if FLAGS.image_size is not None:
         config["image_shape"] = sized_image_shape(config, FLAGS.image_size)
+    if FLAGS.freeze_encoder:
+        config["freeze_encoder"] = True
     return config
 
 

@@ -41,7 +41,8 @@ LATER_DEFAULTS = {"lr_decay_every": 0, "lr_decay": 0.5, "augment_shift": 0, "aug
 AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 # The same for fields of the MANN/LSTM presets only: their first runs wrote keys, used Adam and
 # read the pixels.
-SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam", "encoder_channels": 0}
+SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam", "encoder_channels": 0,
+                           "freeze_encoder": False}
 # The optimisers of the MANN/LSTM (``optim.OPTIMIZERS``) and what a MANN head writes
 # (``mann.WRITES``); RMSProp's rate when none is given is the MANN paper's.
 SEQUENCE_OPTIMIZERS = ("adam", "rmsprop")
@@ -220,6 +221,7 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
                              "backbone='conv4' (without, the controller reads the pixels)")
         channels = config.pop("channels", None)
         config["encoder_channels"] = (channels or SEQUENCE_ENCODER_CHANNELS) if backbone else 0
+        config["freeze_encoder"] = False
     if algorithm in SUPERVISED_ALGORITHMS:
         family = "supervised"
     if config["family"] != family:
@@ -347,6 +349,10 @@ def check_config(config):
         if isinstance(encoder, bool) or not isinstance(encoder, (int, np.integer)) or encoder < 0:
             raise ValueError(f"encoder_channels must be 0 (pixels) or a positive integer, got "
                              f"{encoder!r}")
+        if config.get("freeze_encoder", False) not in (False, True) or (
+                config.get("freeze_encoder") and not encoder):
+            raise ValueError(f"freeze_encoder must be true or false, and true only with an "
+                             f"encoder (encoder_channels > 0), got {config['freeze_encoder']!r}")
         _check_positive_float(config, "clip_norm")
         for name, allowed in (("optimizer", SEQUENCE_OPTIMIZERS), ("write", SEQUENCE_WRITES)):
             if config.get(name, allowed[-1]) not in allowed:

@@ -224,10 +224,11 @@ def _input_kernel(seed, pixels, d, n_classes, width, dtype):
     return kernel * keep[:, None]
 
 
-def _front(image_shape, n_classes, width, encoder_channels):
+def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder):
     """The input side that ``mann`` and ``lstm`` share: ``(init, pre_inputs, n)`` with
     ``init(seed, dtype) -> [*encoder, w_in]`` (``n`` tensors) and ``pre_inputs(those weights,
-    (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias)."""
+    (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias).
+    ``freeze_encoder``: no gradient reaches the encoder's weights."""
     _check_encoder(encoder_channels)
     pixels = math.prod(image_shape)
     d = _encoder_size(image_shape, encoder_channels)
@@ -239,7 +240,8 @@ def _front(image_shape, n_classes, width, encoder_channels):
 
     def pre_inputs(weights, episode):
         images, previous_labels = episode
-        images = _encode(weights[:-1], tf.convert_to_tensor(images))
+        encoder = [tf.stop_gradient(w) for w in weights[:-1]] if freeze_encoder else weights[:-1]
+        images = _encode(encoder, tf.convert_to_tensor(images))
         return _inputs(weights[-1], images, previous_labels, n_classes)
 
     return init, pre_inputs, n
@@ -265,14 +267,15 @@ def _encode(weights, images):
 
 
 def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-         gamma=0.95, write="add", encoder_channels=0):
+         gamma=0.95, write="add", encoder_channels=0, freeze_encoder=False):
     """``(init, apply)`` of the MANN: LSTM controller of ``controller`` units and an LRUA memory of
     ``memory_slots`` x ``memory_size`` with ``read_heads`` heads (the paper: 200, 128 x 40, 4).
     ``write``: what a head writes, ``'add'`` (a vector of its own) or ``'key'`` (its key, the
     paper's equation 7). ``encoder_channels``: 0, the controller reads the pixels (the paper);
     ``c > 0``, also the features of a convolutional encoder of ``ENCODER_BLOCKS`` blocks of ``c``
     filters (conv4 without batch norm), which may generalise to unseen alphabets better than
-    pixel weights learnt from few characters (docs/mann.md).
+    pixel weights learnt from few characters (docs/mann.md); ``freeze_encoder`` keeps it as
+    initialised (e.g. from a ProtoNet embedding, ``nets.fold_batch_norm``).
 
     ``init(seed, dtype=tf.float32)`` -> weights ``[*encoder, w_in (D + n_classes, 4H),
     w_rec (H + R*M, 4H), b (4H,), w_head (H, R*(A + 2)), b_head, w_out (H + R*M, n_classes),
@@ -292,7 +295,8 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
         raise ValueError(f"write must be one of {list(WRITES)}, got {write!r}")
     h, r, m = controller, read_heads, memory_size
     a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
-    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels)
+    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
+                                        freeze_encoder)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
@@ -328,14 +332,15 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     return init, apply
 
 
-def lstm(n_classes, image_shape, units=200, encoder_channels=0):
+def lstm(n_classes, image_shape, units=200, encoder_channels=0, freeze_encoder=False):
     """``(init, apply)`` of the baseline: the same LSTM (``units`` cells) on the same inputs
     (image, through the same optional encoder, and previous label), no memory. Weights
     ``[*encoder, w_in (D + n_classes, 4H), w_rec (H, 4H), b (4H,), w_out (H, n_classes), b_out]``;
     ``apply`` as ``mann``'s."""
     _check_sizes(n_classes=n_classes, units=units)
     h = units
-    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels)
+    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
+                                        freeze_encoder)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
@@ -399,7 +404,9 @@ def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True, optimizer=
         with tf.GradientTape() as tape:
             tape.watch(weights)
             loss, logits = loss_and_logits(apply, weights, batch)
-        grads = optim.clip_by_global_norm(tape.gradient(loss, weights), clip_norm)
+        grads = tape.gradient(loss, weights,                  # zeros for a frozen encoder
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = optim.clip_by_global_norm(grads, clip_norm)
         weights, opt = update(grads, weights, state["opt"], lr)
         correct = tf.equal(tf.argmax(logits, -1, output_type=batch[2].dtype), batch[2])
         return ({"weights": weights, "opt": opt},

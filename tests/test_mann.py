@@ -238,6 +238,34 @@ def test_encoder_gradient_matches_finite_differences(model):
                              range(2 * mann.ENCODER_BLOCKS + 1), seed=4)   # encoder and w_in
 
 
+@pytest.mark.parametrize('model', ['mann', 'lstm'])
+def test_frozen_encoder_computes_the_same_and_gets_no_gradient(model):
+    kw = dict(controller=4, memory_slots=5, memory_size=3, read_heads=2) if model == 'mann' \
+        else dict(units=4)
+    build = mann.mann if model == 'mann' else mann.lstm
+    _, apply = build(**ENCODED, **kw)
+    init, frozen = build(**ENCODED, **kw, freeze_encoder=True)
+    shift = np.random.default_rng(6)                         # nonzero feature rows
+    weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
+    images, previous, labels = encoded_sequence()
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(weights)
+        loss = mann.loss_and_logits(apply, weights, (images, previous, labels))[0]
+        loss_frozen = mann.loss_and_logits(frozen, weights, (images, previous, labels))[0]
+    assert loss.numpy() == loss_frozen.numpy()
+    n = 2 * mann.ENCODER_BLOCKS
+    grads, grads_frozen = tape.gradient(loss, weights), tape.gradient(loss_frozen, weights)
+    assert all(g is None for g in grads_frozen[:n]) and all(g is not None for g in grads[:n])
+    for g, g_frozen in zip(grads[n:], grads_frozen[n:]):
+        np.testing.assert_allclose(g_frozen, g, rtol=1e-12, atol=1e-15)
+    step = mann.make_train_step(frozen, lr=0.1, clip_norm=10.0, jit_compile=False)
+    after = step(mann.init_state(weights), (images, previous, labels))[0]['weights']
+    assert all(np.array_equal(a, w) for a, w in zip(after[:n], weights[:n]))
+    assert not any(np.array_equal(a, w) for a, w in zip(after[n:], weights[n:]))
+    with pytest.raises(ValueError, match='freeze_encoder must be true or false, and true only'):
+        configs.check_config({**configs.make_config(model), 'freeze_encoder': True})
+
+
 def test_encoded_steps_see_neither_later_images_nor_other_episodes():
     init, apply = mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
     weights = init(0, dtype=tf.float64)
@@ -532,12 +560,14 @@ def test_encoder_from_a_protonet_run_starts_from_its_folded_embedding(tmp_path):
                            '--val_every=0', f'--out_dir={proto}', '--nojit'])
     run = str(tmp_path / 'mann')
     common = ['--algorithm=mann', '--data=synthetic', '--backbone=conv4', '--n_way=3',
-              '--k_shot=4', '--meta_batch=2', '--steps=1', '--val_every=0', '--nojit']
-    run_binary(train_bin, common + [f'--encoder_from={proto}', f'--out_dir={run}'])
+              '--k_shot=4', '--meta_batch=2', '--val_every=0', '--nojit']
+    run_binary(train_bin, common + [f'--encoder_from={proto}', '--freeze_encoder', '--steps=2',
+                                    f'--out_dir={run}'])
     config, _ = configs.load_config(run)
     assert config['encoder_channels'] == 6 and config['encoder_from'].endswith('ckpt-2')
-    # The features' rows of w_in start at zero, so step 1 gives the encoder no gradient and Adam
-    # leaves it as it started: the ProtoNet's embedding folded with the training images' statistics.
+    assert config['freeze_encoder']
+    # After two steps the frozen encoder is as it started: the ProtoNet's embedding folded with
+    # the training images' statistics.
     weights = checkpoints.restore_state(training.make_learner(config), run)[0]['weights']
     proto_weights = checkpoints.restore_state(
         training.make_learner(configs.load_config(proto)[0]), proto)[0]['weights']
@@ -562,9 +592,10 @@ def test_encoder_from_a_protonet_run_starts_from_its_folded_embedding(tmp_path):
                            '--channels=6', '--steps=1', '--n_way=3', '--val_every=0',
                            '--split_seed=1', f'--out_dir={leaky}', '--nojit'])
     refused([f'--encoder_from={leaky}'], 'classes this run holds out')
-    with pytest.raises(flags.IllegalFlagValueError, match='--encoder_from needs'):
-        with flagsaver.flagsaver(algorithm='mann', encoder_from=proto):
-            pass
+    for given in (dict(encoder_from=proto), dict(freeze_encoder=True)):
+        with pytest.raises(flags.IllegalFlagValueError, match='--encoder_from and --freeze_encoder'):
+            with flagsaver.flagsaver(algorithm='mann', **given):
+                pass
 
 
 # ---------------------------------------------------------------------------------------------
