@@ -103,6 +103,9 @@ flags.DEFINE_string("encoder_from", None, "mann/lstm with --backbone=conv4: star
 flags.DEFINE_bool("freeze_encoder", False, "mann/lstm with --backbone=conv4: keep the encoder "
                   "as it starts (e.g. from --encoder_from); only the controller, memory heads "
                   "and output layer train.")
+flags.DEFINE_bool("pixels", True, "mann/lstm with --backbone=conv4: the controller reads the "
+                  "pixels beside the encoder's features; --nopixels, the features alone (with "
+                  "an encoder from --encoder_from).")
 flags.DEFINE_integer("image_size", None, "Image data (--data=omniglot, omniglot_tfds, folder, "
                      "synthetic): train on SxS images, area-resized from the source, with the "
                      "preset's channels, e.g. 56 for Omniglot at twice the presets' 28x28 "
@@ -194,11 +197,11 @@ def _check_optimizer(values):
             or values["algorithm"] in (None, *configs.SEQUENCE_ALGORITHMS))
 
 
-@flags.multi_flags_validator(["encoder_from", "freeze_encoder", "algorithm", "backbone"],
-                             "--encoder_from and --freeze_encoder need --algorithm=mann or lstm "
-                             "and --backbone=conv4")
+@flags.multi_flags_validator(["encoder_from", "freeze_encoder", "pixels", "algorithm", "backbone"],
+                             "--encoder_from, --freeze_encoder and --nopixels need "
+                             "--algorithm=mann or lstm and --backbone=conv4")
 def _check_encoder_from(values):
-    return not (values["encoder_from"] or values["freeze_encoder"]) or (
+    return not (values["encoder_from"] or values["freeze_encoder"] or not values["pixels"]) or (
         values["algorithm"] is None
         or values["algorithm"] in configs.SEQUENCE_ALGORITHMS and values["backbone"] == "conv4")
 
@@ -243,6 +246,8 @@ def config_from_flags():
         config["image_shape"] = sized_image_shape(config, FLAGS.image_size)
     if FLAGS.freeze_encoder:
         config["freeze_encoder"] = True
+    if not FLAGS.pixels:
+        config["pixels"] = False
     return config
 
 

@@ -186,12 +186,11 @@ ENCODER_BLOCKS = 4
 LAYER_NORM_EPSILON = 1e-6
 
 
-def _encoder_size(image_shape, channels):
-    """Inputs per step to the controller: the pixels, and the encoder's features (``channels``
-    of them per output pixel) unless ``channels=0``."""
-    pixels = math.prod(image_shape)
+def _encoder_size(image_shape, channels, pixels=True):
+    """Inputs per step to the controller: the pixels (unless ``pixels=False``), and the
+    encoder's features (``channels`` of them per output pixel) unless ``channels=0``."""
     if not channels:
-        return pixels
+        return math.prod(image_shape)
     h, w = image_shape[0], image_shape[1]
     for _ in range(ENCODER_BLOCKS):
         h, w = h // 2, w // 2
@@ -199,7 +198,7 @@ def _encoder_size(image_shape, channels):
         raise ValueError(f"image_shape={tuple(image_shape)} is too small for the encoder's "
                          f"{ENCODER_BLOCKS} 2x2 poolings (at least {2 ** ENCODER_BLOCKS} pixels a "
                          "side)")
-    return pixels + h * w * channels
+    return math.prod(image_shape) * pixels + h * w * channels
 
 
 def _encoder_init(seed, channels, in_channels, dtype):
@@ -216,58 +215,65 @@ def _encoder_init(seed, channels, in_channels, dtype):
 
 def _input_kernel(seed, pixels, d, n_classes, width, dtype):
     """``w_in [d + n_classes, width]``, Glorot-uniform but zero in the rows of the encoder's
-    features (``d - pixels`` of them): the model starts as the one reading pixels alone, and the
-    features enter as training finds them useful."""
+    features (``d - pixels`` of them, after ``pixels`` rows of pixels): the model starts as the
+    one reading pixels alone, and the features enter as training finds them useful. Without
+    pixels (``pixels=0``) every row is Glorot-uniform."""
+    if not pixels:
+        return _glorot(seed, 0, [d + n_classes, width], dtype)
     kernel = _glorot(seed, 0, [d + n_classes, width], dtype)
     keep = tf.concat([tf.ones([pixels], dtype), tf.zeros([d - pixels], dtype),
                       tf.ones([n_classes], dtype)], 0)
     return kernel * keep[:, None]
 
 
-def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder):
+def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder, pixels):
     """The input side that ``mann`` and ``lstm`` share: ``(init, pre_inputs, n)`` with
     ``init(seed, dtype) -> [*encoder, w_in]`` (``n`` tensors) and ``pre_inputs(those weights,
     (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias).
-    ``freeze_encoder``: no gradient reaches the encoder's weights."""
+    ``freeze_encoder``: no gradient reaches the encoder's weights; ``pixels=False``: the
+    controller reads the encoder's features alone."""
     _check_encoder(encoder_channels)
-    pixels = math.prod(image_shape)
-    d = _encoder_size(image_shape, encoder_channels)
+    if not (pixels or encoder_channels):
+        raise ValueError("pixels=False needs an encoder (encoder_channels > 0): the controller "
+                         "would read no image")
+    d = _encoder_size(image_shape, encoder_channels, pixels)
     n = 2 * ENCODER_BLOCKS + 1 if encoder_channels else 1
 
     def init(seed, dtype):
         return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
-                _input_kernel(seed, pixels, d, n_classes, width, dtype)]
+                _input_kernel(seed, math.prod(image_shape) * pixels, d, n_classes, width, dtype)]
 
     def pre_inputs(weights, episode):
         images, previous_labels = episode
         encoder = [tf.stop_gradient(w) for w in weights[:-1]] if freeze_encoder else weights[:-1]
-        images = _encode(encoder, tf.convert_to_tensor(images))
+        images = _encode(encoder, tf.convert_to_tensor(images), pixels)
         return _inputs(weights[-1], images, previous_labels, n_classes)
 
     return init, pre_inputs, n
 
 
-def _encode(weights, images):
+def _encode(weights, images, pixels=True):
     """The controller's image input ``[B, T, D]``: each image of ``images [B, T, H, W, C]``
-    flattened, then (with encoder weights) its features, normalised to zero mean and unit
-    variance over the features of that image (layer norm without gain and bias, which ``w_in``
-    supplies). No batch norm, so no step's input depends on another image. Why the pixels too,
-    and why ``_input_kernel`` starts the features' rows at zero: from untrained features the
-    MANN did not leave its chance plateau (docs/design.md)."""
+    flattened (unless ``pixels=False``), then (with encoder weights) its features, normalised
+    to zero mean and unit variance over the features of that image (layer norm without gain and
+    bias, which ``w_in`` supplies). No batch norm, so no step's input depends on another image.
+    Why the pixels too, and why ``_input_kernel`` starts the features' rows at zero: from
+    untrained features the MANN did not leave its chance plateau (docs/design.md)."""
     b, t = images.shape[0], images.shape[1]
-    pixels = tf.reshape(images, [b, t, -1])
+    flat = tf.reshape(images, [b, t, -1])
     if not weights:
-        return pixels
+        return flat
     x = tf.reshape(images, [b * t, *images.shape[2:]])
     for kernel, bias in zip(weights[::2], weights[1::2]):
         x = tf.nn.max_pool2d(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME") + bias), 2, 2, "VALID")
     x = tf.reshape(x, [b, t, -1])
     mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-    return tf.concat([pixels, (x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON)], -1)
+    features = (x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON)
+    return tf.concat([flat, features], -1) if pixels else features
 
 
 def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-         gamma=0.95, write="add", encoder_channels=0, freeze_encoder=False):
+         gamma=0.95, write="add", encoder_channels=0, freeze_encoder=False, pixels=True):
     """``(init, apply)`` of the MANN: LSTM controller of ``controller`` units and an LRUA memory of
     ``memory_slots`` x ``memory_size`` with ``read_heads`` heads (the paper: 200, 128 x 40, 4).
     ``write``: what a head writes, ``'add'`` (a vector of its own) or ``'key'`` (its key, the
@@ -275,7 +281,8 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     ``c > 0``, also the features of a convolutional encoder of ``ENCODER_BLOCKS`` blocks of ``c``
     filters (conv4 without batch norm), which may generalise to unseen alphabets better than
     pixel weights learnt from few characters (docs/mann.md); ``freeze_encoder`` keeps it as
-    initialised (e.g. from a ProtoNet embedding, ``nets.fold_batch_norm``).
+    initialised (e.g. from a ProtoNet embedding, ``nets.fold_batch_norm``); ``pixels=False``
+    leaves out the pixels, the controller reading the features alone.
 
     ``init(seed, dtype=tf.float32)`` -> weights ``[*encoder, w_in (D + n_classes, 4H),
     w_rec (H + R*M, 4H), b (4H,), w_head (H, R*(A + 2)), b_head, w_out (H + R*M, n_classes),
@@ -296,7 +303,7 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     h, r, m = controller, read_heads, memory_size
     a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
     front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
-                                        freeze_encoder)
+                                        freeze_encoder, pixels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
@@ -332,7 +339,8 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     return init, apply
 
 
-def lstm(n_classes, image_shape, units=200, encoder_channels=0, freeze_encoder=False):
+def lstm(n_classes, image_shape, units=200, encoder_channels=0, freeze_encoder=False,
+         pixels=True):
     """``(init, apply)`` of the baseline: the same LSTM (``units`` cells) on the same inputs
     (image, through the same optional encoder, and previous label), no memory. Weights
     ``[*encoder, w_in (D + n_classes, 4H), w_rec (H, 4H), b (4H,), w_out (H, n_classes), b_out]``;
@@ -340,7 +348,7 @@ def lstm(n_classes, image_shape, units=200, encoder_channels=0, freeze_encoder=F
     _check_sizes(n_classes=n_classes, units=units)
     h = units
     front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
-                                        freeze_encoder)
+                                        freeze_encoder, pixels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)

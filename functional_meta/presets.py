@@ -117,11 +117,13 @@ def network(config, n_way=None):
                          read_heads=config["read_heads"], gamma=config["gamma"],
                          write=config.get("write", "key"),
                          encoder_channels=config.get("encoder_channels", 0),
-                         freeze_encoder=config.get("freeze_encoder", False))
+                         freeze_encoder=config.get("freeze_encoder", False),
+                         pixels=config.get("pixels", True))
     if config["net"] == "lstm":
         return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"],
                          encoder_channels=config.get("encoder_channels", 0),
-                         freeze_encoder=config.get("freeze_encoder", False))
+                         freeze_encoder=config.get("freeze_encoder", False),
+                         pixels=config.get("pixels", True))
     if config["net"] in IMAGE_NETS:
         head = None if config["family"] == "protonet" else way
         shape = tuple(config["image_shape"])

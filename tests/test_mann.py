@@ -266,6 +266,28 @@ def test_frozen_encoder_computes_the_same_and_gets_no_gradient(model):
         configs.check_config({**configs.make_config(model), 'freeze_encoder': True})
 
 
+@pytest.mark.parametrize('model', ['mann', 'lstm'])
+def test_features_alone_model_reads_no_pixels(model):
+    kw = dict(controller=4, memory_slots=5, memory_size=3, read_heads=2) if model == 'mann' \
+        else dict(units=4)
+    build = mann.mann if model == 'mann' else mann.lstm
+    init, apply = build(**ENCODED, **kw, pixels=False)
+    weights, n = init(2, dtype=tf.float64), 2 * mann.ENCODER_BLOCKS
+    assert weights[n].shape[0] == 3 + 3 and np.abs(weights[n]).min() > 0   # features, labels
+    images, previous, labels = encoded_sequence()
+    features = mann._encode(weights[:n], tf.constant(images), pixels=False).numpy()
+    np.testing.assert_array_equal(features, mann._encode(weights[:n], tf.constant(images))[..., -3:])
+    _, pixel_apply = build(n_classes=3, image_shape=(1, 1, 3), **kw)
+    np.testing.assert_allclose(apply(weights, (images, previous)).numpy(),
+                               pixel_apply(weights[n:], (features[:, :, None, None], previous)),
+                               rtol=1e-12)
+    check_finite_differences(apply, weights, (images, previous, labels), range(n + 1), seed=3)
+    with pytest.raises(ValueError, match='pixels=False needs an encoder'):
+        build(n_classes=3, image_shape=(17, 16, 1), pixels=False)
+    with pytest.raises(ValueError, match='pixels must be true or false, and false only'):
+        configs.check_config({**configs.make_config(model), 'pixels': False})
+
+
 def test_encoded_steps_see_neither_later_images_nor_other_episodes():
     init, apply = mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
     weights = init(0, dtype=tf.float64)
@@ -592,8 +614,8 @@ def test_encoder_from_a_protonet_run_starts_from_its_folded_embedding(tmp_path):
                            '--channels=6', '--steps=1', '--n_way=3', '--val_every=0',
                            '--split_seed=1', f'--out_dir={leaky}', '--nojit'])
     refused([f'--encoder_from={leaky}'], 'classes this run holds out')
-    for given in (dict(encoder_from=proto), dict(freeze_encoder=True)):
-        with pytest.raises(flags.IllegalFlagValueError, match='--encoder_from and --freeze_encoder'):
+    for given in (dict(encoder_from=proto), dict(freeze_encoder=True), dict(pixels=False)):
+        with pytest.raises(flags.IllegalFlagValueError, match='--encoder_from, --freeze_encoder'):
             with flagsaver.flagsaver(algorithm='mann', **given):
                 pass
 
