@@ -352,8 +352,8 @@ def check_config(config):
         for name, default in (("freeze_encoder", False), ("pixels", True)):
             value = config.get(name, default)
             if value not in (False, True) or (value != default and not encoder):
-                raise ValueError(f"{name} must be true or false, and {str(not default).lower()} only with "
-                                 f"an encoder (encoder_channels > 0), got {value!r}")
+                raise ValueError(f"{name} must be true or false, and {str(not default).lower()} "
+                                 f"only with an encoder (encoder_channels > 0), got {value!r}")
         _check_positive_float(config, "clip_norm")
         for name, allowed in (("optimizer", SEQUENCE_OPTIMIZERS), ("write", SEQUENCE_WRITES)):
             if config.get(name, allowed[-1]) not in allowed:

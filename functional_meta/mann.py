@@ -218,9 +218,9 @@ def _input_kernel(seed, pixels, d, n_classes, width, dtype):
     features (``d - pixels`` of them, after ``pixels`` rows of pixels): the model starts as the
     one reading pixels alone, and the features enter as training finds them useful. Without
     pixels (``pixels=0``) every row is Glorot-uniform."""
-    if not pixels:
-        return _glorot(seed, 0, [d + n_classes, width], dtype)
     kernel = _glorot(seed, 0, [d + n_classes, width], dtype)
+    if not pixels:
+        return kernel
     keep = tf.concat([tf.ones([pixels], dtype), tf.zeros([d - pixels], dtype),
                       tf.ones([n_classes], dtype)], 0)
     return kernel * keep[:, None]

@@ -111,19 +111,16 @@ def network(config, n_way=None):
     the config's; ProtoNet configs have no head)."""
     from functional_meta import mann, nets      # here: the presets stay free of TensorFlow
     way = n_way or config["n_way"]
+    front = dict(encoder_channels=config.get("encoder_channels", 0),
+                 freeze_encoder=config.get("freeze_encoder", False),
+                 pixels=config.get("pixels", True))          # the input side of both
     if config["net"] == "mann":
         return mann.mann(way, tuple(config["image_shape"]), controller=config["controller"],
                          memory_slots=config["memory_slots"], memory_size=config["memory_size"],
                          read_heads=config["read_heads"], gamma=config["gamma"],
-                         write=config.get("write", "key"),
-                         encoder_channels=config.get("encoder_channels", 0),
-                         freeze_encoder=config.get("freeze_encoder", False),
-                         pixels=config.get("pixels", True))
+                         write=config.get("write", "key"), **front)
     if config["net"] == "lstm":
-        return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"],
-                         encoder_channels=config.get("encoder_channels", 0),
-                         freeze_encoder=config.get("freeze_encoder", False),
-                         pixels=config.get("pixels", True))
+        return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"], **front)
     if config["net"] in IMAGE_NETS:
         head = None if config["family"] == "protonet" else way
         shape = tuple(config["image_shape"])
