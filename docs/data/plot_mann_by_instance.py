@@ -17,6 +17,7 @@ HERE = Path(__file__).parent
 # The runs drawn (the CSV holds more: their earlier checkpoints).
 SHOWN = ("mann with frozen ProtoNet features alone (step 4000)",
          "mann with encoder (step 12000)", "mann with augmentation (step 12000)",
+         "lstm with frozen ProtoNet features alone (step 4000)",
          "lstm with encoder (step 8000)", "lstm (step 12000)")
 # Santoro et al. (2016), Table 1, 5 classes, one-hot labels: instance -> accuracy (%).
 PAPER = {"MANN, Santoro et al.": {1: 36.4, 2: 82.8, 3: 91.0, 4: 92.6, 5: 94.9, 10: 98.1},
