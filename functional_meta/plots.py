@@ -192,10 +192,12 @@ def embeddings(panels, path, title="ProtoNet embeddings of held-out classes (PCA
     return _save(embeddings_figure(panels, title), path)
 
 
-def accuracy_by_instance(curves, path, title="Accuracy by instance (held-out classes)"):
+def accuracy_by_instance(curves, path, title="Accuracy by instance (held-out classes)",
+                         references=None):
     """Santoro et al. (2016) Figure 2's shape: accuracy against the instance number of a class in
     its episode, one line with its 95% band per model; ``curves`` maps a label to ``(means [K],
-    half-widths [K])`` for instances ``1..K``."""
+    half-widths [K])`` for instances ``1..K``. ``references`` maps a label to ``{instance:
+    accuracy}`` (published figures), drawn as black markers."""
     if not curves:
         raise ValueError("accuracy_by_instance needs at least one curve")
     plt = _pyplot()
@@ -205,10 +207,12 @@ def accuracy_by_instance(curves, path, title="Accuracy by instance (held-out cla
         instances = np.arange(1, len(mean) + 1)
         ax.plot(instances, mean, "o-", label=label)
         ax.fill_between(instances, mean - ci, mean + ci, alpha=0.25)
+    for marker, (label, row) in zip("*xd+^", (references or {}).items()):
+        ax.plot(list(row), list(row.values()), marker, color="k", markersize=8, label=label)
     ax.set_xlabel("instance")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize="small", loc="lower right")        # the curves rise from the left
     ax.set_title(title)
     return _save(fig, path)
 

@@ -374,6 +374,18 @@ def test_sampler_rejects_impossible_episodes():
         sequences.SequenceSampler(classes, 2, 5)
 
 
+def test_accuracy_by_instance_plot_draws_reference_markers(tmp_path):
+    pytest.importorskip('matplotlib')
+    from functional_meta import plots
+    curves = {'model': ([0.3, 0.7, 0.8], [0.02, 0.03, 0.02])}
+    plain = plots.accuracy_by_instance(curves, tmp_path / 'plain.png').read_bytes()
+    marked = plots.accuracy_by_instance(curves, tmp_path / 'marked.png',
+                                        references={'paper': {1: 0.4, 3: 0.9}}).read_bytes()
+    assert plain[:8] == marked[:8] == b'\x89PNG\r\n\x1a\n' and plain != marked
+    with pytest.raises(ValueError, match='at least one curve'):
+        plots.accuracy_by_instance({}, tmp_path / 'none.png')
+
+
 def test_instance_numbers_and_accuracy_by_instance():
     labels = np.array([[2, 0, 2, 2, 0, 1]])
     np.testing.assert_array_equal(sequences.instance_numbers(labels), [[1, 1, 2, 3, 2, 1]])

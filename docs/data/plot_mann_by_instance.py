@@ -1,6 +1,7 @@
 """docs/data/mann_by_instance.png from mann_by_instance.csv (docs/mann.md): accuracy against the
-instance number of a class on the unseen alphabets, one line with its 95% band per model named
-in ``SHOWN``, and Santoro et al. (2016) Table 1's MANN and LSTM rows as markers.
+instance number of a class on the unseen alphabets for each model named in ``SHOWN``
+(``functional_meta.plots.accuracy_by_instance``, as ``fm-eval --plot_instances``), with Santoro
+et al. (2016) Table 1's MANN and LSTM rows as markers.
 
   python docs/data/plot_mann_by_instance.py
 """
@@ -8,10 +9,7 @@ in ``SHOWN``, and Santoro et al. (2016) Table 1's MANN and LSTM rows as markers.
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from functional_meta import plots
 
 HERE = Path(__file__).parent
 # The runs drawn (the CSV holds more: their earlier checkpoints).
@@ -19,32 +17,21 @@ SHOWN = ("mann with frozen ProtoNet features alone (step 4000)",
          "mann with encoder (step 12000)", "mann with augmentation (step 12000)",
          "lstm with frozen ProtoNet features alone (step 4000)",
          "lstm with encoder (step 8000)", "lstm (step 12000)")
-# Santoro et al. (2016), Table 1, 5 classes, one-hot labels: instance -> accuracy (%).
-PAPER = {"MANN, Santoro et al.": {1: 36.4, 2: 82.8, 3: 91.0, 4: 92.6, 5: 94.9, 10: 98.1},
-         "LSTM, Santoro et al.": {1: 24.4, 2: 49.5, 3: 55.3, 4: 61.0, 5: 63.6, 10: 62.5}}
+# Santoro et al. (2016), Table 1, 5 classes, one-hot labels: instance -> accuracy.
+PAPER = {"MANN, Santoro et al.": {1: .364, 2: .828, 3: .910, 4: .926, 5: .949, 10: .981},
+         "LSTM, Santoro et al.": {1: .244, 2: .495, 3: .553, 4: .610, 5: .636, 10: .625}}
 
 
 def main():
-    curves = {}
+    rows = {}
     with open(HERE / "mann_by_instance.csv", newline="") as f:
         for r in csv.DictReader(f):
             if r["model"] in SHOWN:
-                curves.setdefault(r["model"], []).append(
-                    (int(r["instance"]), 100 * float(r["accuracy"]), 100 * float(r["ci95"])))
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for i, name in enumerate(n for n in SHOWN if n in curves):
-        k, mean, ci = zip(*sorted(curves[name]))
-        ax.plot(k, mean, "o-", color=f"C{i}", label=name, markersize=4)
-        ax.fill_between(k, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
-                        color=f"C{i}", alpha=0.2)
-    for marker, (name, row) in zip("*x", PAPER.items()):
-        ax.plot(list(row), list(row.values()), marker, color="k", markersize=8, label=name)
-    ax.set(xlabel="instance of a class in its sequence", ylabel="accuracy (%)", ylim=(0, 100),
-           xticks=range(1, 11),
-           title="Unseen alphabets (small2), 5 classes x 10 instances")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(HERE / "mann_by_instance.png", dpi=120)
+                rows.setdefault(r["model"], []).append(
+                    (int(r["instance"]), float(r["accuracy"]), float(r["ci95"])))
+    curves = {name: tuple(zip(*sorted(rows[name])))[1:] for name in SHOWN if name in rows}
+    plots.accuracy_by_instance(curves, HERE / "mann_by_instance.png", references=PAPER,
+                               title="Unseen alphabets (small2), 5 classes x 10 instances")
 
 
 if __name__ == "__main__":
