@@ -186,11 +186,10 @@ ENCODER_BLOCKS = 4
 LAYER_NORM_EPSILON = 1e-6
 
 
-def _encoder_size(image_shape, channels, pixels=True):
-    """Inputs per step to the controller: the pixels (unless ``pixels=False``), and the
-    encoder's features (``channels`` of them per output pixel) unless ``channels=0``."""
+def _feature_count(image_shape, channels):
+    """The encoder's features per image: ``channels`` per output pixel (none for ``channels=0``)."""
     if not channels:
-        return math.prod(image_shape)
+        return 0
     h, w = image_shape[0], image_shape[1]
     for _ in range(ENCODER_BLOCKS):
         h, w = h // 2, w // 2
@@ -198,7 +197,7 @@ def _encoder_size(image_shape, channels, pixels=True):
         raise ValueError(f"image_shape={tuple(image_shape)} is too small for the encoder's "
                          f"{ENCODER_BLOCKS} 2x2 poolings (at least {2 ** ENCODER_BLOCKS} pixels a "
                          "side)")
-    return math.prod(image_shape) * pixels + h * w * channels
+    return h * w * channels
 
 
 def _encoder_init(seed, channels, in_channels, dtype):
@@ -236,12 +235,13 @@ def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder, pixe
     if not (pixels or encoder_channels):
         raise ValueError("pixels=False needs an encoder (encoder_channels > 0): the controller "
                          "would read no image")
-    d = _encoder_size(image_shape, encoder_channels, pixels)
+    n_pixels = math.prod(image_shape) if pixels else 0
+    d = n_pixels + _feature_count(image_shape, encoder_channels)     # image inputs per step
     n = 2 * ENCODER_BLOCKS + 1 if encoder_channels else 1
 
     def init(seed, dtype):
         return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
-                _input_kernel(seed, math.prod(image_shape) * pixels, d, n_classes, width, dtype)]
+                _input_kernel(seed, n_pixels, d, n_classes, width, dtype)]
 
     def pre_inputs(weights, episode):
         images, previous_labels = episode

@@ -2,6 +2,7 @@
 the whole sequence against finite differences, the label-offset protocol, and learning on
 Omniglot's held-out alphabets."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -171,6 +172,10 @@ def numpy_encoder(weights, image):
 
 
 ENCODED = dict(n_classes=3, image_shape=(17, 16, 1), encoder_channels=3)
+# The small MANN and LSTM of the encoder tests, by name.
+SMALL_MODELS = {'mann': functools.partial(mann.mann, controller=4, memory_slots=5,
+                                          memory_size=3, read_heads=2),
+                'lstm': functools.partial(mann.lstm, units=4)}
 
 
 def encoded_sequence(batch=2, steps=5, seed=0):
@@ -208,11 +213,9 @@ def test_encoder_matches_numpy_and_feeds_the_controller_its_features():
 def test_encoder_model_starts_as_the_pixel_model(model):
     """At init the features' rows of ``w_in`` are zero: the logits are the pixel model's with the
     same weights (those rows removed); the encoder still has a gradient through ``w_in``'s."""
-    kw = dict(controller=4, memory_slots=5, memory_size=3, read_heads=2) if model == 'mann' \
-        else dict(units=4)
-    build = mann.mann if model == 'mann' else mann.lstm
-    init, apply = build(**ENCODED, **kw)
-    _, pixel_apply = build(n_classes=3, image_shape=(17, 16, 1), **kw)
+    build = SMALL_MODELS[model]
+    init, apply = build(**ENCODED)
+    _, pixel_apply = build(n_classes=3, image_shape=(17, 16, 1))
     weights = init(2, dtype=tf.float64)
     n = 2 * mann.ENCODER_BLOCKS
     w_in = weights[n].numpy()
@@ -230,8 +233,7 @@ def test_encoder_model_starts_as_the_pixel_model(model):
 
 @pytest.mark.parametrize('model', ['mann', 'lstm'])
 def test_encoder_gradient_matches_finite_differences(model):
-    init, apply = (mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
-                   if model == 'mann' else mann.lstm(**ENCODED, units=4))
+    init, apply = SMALL_MODELS[model](**ENCODED)
     shift = np.random.default_rng(5)                         # nonzero feature rows and biases
     weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
     check_finite_differences(apply, weights, encoded_sequence(),
@@ -240,11 +242,9 @@ def test_encoder_gradient_matches_finite_differences(model):
 
 @pytest.mark.parametrize('model', ['mann', 'lstm'])
 def test_frozen_encoder_computes_the_same_and_gets_no_gradient(model):
-    kw = dict(controller=4, memory_slots=5, memory_size=3, read_heads=2) if model == 'mann' \
-        else dict(units=4)
-    build = mann.mann if model == 'mann' else mann.lstm
-    _, apply = build(**ENCODED, **kw)
-    init, frozen = build(**ENCODED, **kw, freeze_encoder=True)
+    build = SMALL_MODELS[model]
+    _, apply = build(**ENCODED)
+    init, frozen = build(**ENCODED, freeze_encoder=True)
     shift = np.random.default_rng(6)                         # nonzero feature rows
     weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
     images, previous, labels = encoded_sequence()
@@ -268,17 +268,15 @@ def test_frozen_encoder_computes_the_same_and_gets_no_gradient(model):
 
 @pytest.mark.parametrize('model', ['mann', 'lstm'])
 def test_features_alone_model_reads_no_pixels(model):
-    kw = dict(controller=4, memory_slots=5, memory_size=3, read_heads=2) if model == 'mann' \
-        else dict(units=4)
-    build = mann.mann if model == 'mann' else mann.lstm
-    init, apply = build(**ENCODED, **kw, pixels=False)
+    build = SMALL_MODELS[model]
+    init, apply = build(**ENCODED, pixels=False)
     weights, n = init(2, dtype=tf.float64), 2 * mann.ENCODER_BLOCKS
     assert weights[n].shape[0] == 3 + 3 and np.abs(weights[n]).min() > 0   # features, labels
     images, previous, labels = encoded_sequence()
     features = mann._encode(weights[:n], tf.constant(images), pixels=False).numpy()
     with_pixels = mann._encode(weights[:n], tf.constant(images)).numpy()
     np.testing.assert_array_equal(features, with_pixels[..., -3:])
-    _, pixel_apply = build(n_classes=3, image_shape=(1, 1, 3), **kw)
+    _, pixel_apply = build(n_classes=3, image_shape=(1, 1, 3))
     np.testing.assert_allclose(apply(weights, (images, previous)).numpy(),
                                pixel_apply(weights[n:], (features[:, :, None, None], previous)),
                                rtol=1e-12)
