@@ -14,9 +14,10 @@ products may run as TF32), or, when larger and the export holds the step's float
 three times TensorFlow's own float32 error against them (``TF_ERROR_FACTOR``): a replay as
 accurate as TensorFlow's float32 step is within twice that error of it. Weights whose first
 Adam step rounding decides (a gradient within the tolerance of zero, or near Adam's epsilon)
-are left out of that check and counted. Then ``--warmup`` untimed and ``--calls`` timed calls, each call's new state fed to the next as in the
-benchmarks, each forced to the host with ``float(loss)`` (``benchmarks.timing``). Prints one
-JSON object as the last line of stdout; the exit status is 2 when an output disagrees.
+are left out of that check and counted. Then ``--warmup`` untimed and ``--calls`` timed calls,
+each call's new state fed to the next as in the benchmarks, each forced to the host with
+``float(loss)`` (``benchmarks.timing``). Prints one JSON object as the last line of stdout; the
+exit status is 2 when an output disagrees.
 
 What it times is XLA on the library's graph (as traced for the export's target device), not
 TensorFlow's runtime. Needs JAX: ``pip install -e '.[replay]'`` (``jax[cuda13]`` for a GPU).
@@ -106,7 +107,8 @@ def _group(name):
 
 def compare(outputs, exp, tolerance):
     """``({output name: max|out - TF| / scale}, {output name: allowed}, undetermined)``: the
-    scale of an output is the largest magnitude of TensorFlow's outputs in its group (all weights, all first moments, ...).
+    scale of an output is the largest magnitude of TensorFlow's outputs in its group (all
+    weights, all first moments, ...).
 
     Adam's first step (the exported state's count ``state/opt/0`` is 0) moves a weight by the
     learning rate times ``g / (|g| + epsilon)``: rounding decides the direction of a weight whose
