@@ -22,6 +22,7 @@ Examples:
   fm-eval --checkpoint=/tmp/protonet --episodes=all_runs.zip --bn=support   # Lake et al.'s runs
   fm-eval --checkpoint=/tmp/protonet --save_episodes=/tmp/episodes     # then --episodes=...
   fm-eval --checkpoint=/tmp/mann,/tmp/lstm --plot_instances=by_instance.png
+  fm-eval --checkpoint=/tmp/mann --method=class_mean   # its inputs alone, no learnt controller
   fm-eval --checkpoint=/tmp/nav,/tmp/nav_pretrained --num_episodes=100 --plot_dir=/tmp/nav_plots
 """
 
@@ -45,7 +46,11 @@ flags.adopt_module_key_flags(run_flags)
 flags.DEFINE_list("checkpoint", None, "Run folders of fm-train (their best checkpoint, else the "
                   "latest) or checkpoint prefixes (.../checkpoints/ckpt-N), joined by ','.")
 flags.DEFINE_enum("method", "model", ["model", "nn", "class_mean"], "model: the checkpoints; nn: "
-                  "1-nearest-neighbour on raw pixels; class_mean: nearest class-mean image.")
+                  "1-nearest-neighbour on raw pixels; class_mean: nearest class-mean image. With "
+                  "MANN/LSTM checkpoints, nn and class_mean classify each step of the sequences "
+                  "from the earlier steps' labels, on what the checkpoint's controller reads "
+                  "(its encoder's features and/or the pixels): what those inputs allow without "
+                  "a learnt controller.")
 flags.DEFINE_enum("eval_split", "test", ["train", "val", "test"], "Which class split to sample "
                   "episodes from.")
 flags.DEFINE_integer("num_episodes", 600, "Episodes scored (600 as in the MAML and ProtoNet "
@@ -269,10 +274,7 @@ def main(argv):
     if FLAGS.save_episodes:
         _save_episodes(sampler, settings, dict(base, data=data_config["data"],
                                                image_shape=sampler.image_shape))
-    if FLAGS.method != "model":
-        if sequence:
-            raise app.UsageError("--method=nn/class_mean score support/query episodes; MANN/LSTM "
-                                 "checkpoints are scored on sequences")
+    if FLAGS.method != "model" and not sequence:
         result = training.evaluate(training.pixel_evaluator(FLAGS.method), None, sampler,
                                    num_episodes)
         _report(f"pixel {FLAGS.method}", result, dict(settings, method=FLAGS.method))
@@ -285,15 +287,21 @@ def main(argv):
             logging.warning("%s holds no best checkpoint (its run never validated): scoring the "
                             "latest, %s", path, found)
         for steps in _inner_steps(config):
-            evaluator = _evaluator(config, learner, steps, n_way, "bad flags")
-            result = training.evaluate(evaluator, state, sampler, num_episodes)
             name = f"{config['algorithm']} {found} (step {info['step']})"
-            _report(name, result, dict(settings, method="model", algorithm=config["algorithm"],
-                                       checkpoint=found, step=info["step"], inner_steps=steps,
+            curve = f"{config['algorithm']} (step {info['step']})"
+            if FLAGS.method == "model":
+                evaluator = _evaluator(config, learner, steps, n_way, "bad flags")
+            else:                 # a sequence model's inputs, classified by the rule alone
+                evaluator = training.sequence_baseline_evaluator(config, FLAGS.method)
+                name, curve = (f"{FLAGS.method} on the inputs of {n}" for n in (name, curve))
+            result = training.evaluate(evaluator, state, sampler, num_episodes)
+            _report(name, result, dict(settings, method=FLAGS.method,
+                                       algorithm=config["algorithm"], checkpoint=found,
+                                       step=info["step"], inner_steps=steps,
                                        bn=None if sequence else _bn(config), adapt=_adapt()))
             if sequence:
                 _report_instances(result)
-                curves[f"{config['algorithm']} (step {info['step']})"] = result
+                curves[curve] = result
     if FLAGS.plot_instances:
         _plot_instances(curves, settings)
 

@@ -272,6 +272,14 @@ def _encode(weights, images, pixels=True):
     return tf.concat([flat, features], -1) if pixels else features
 
 
+def image_inputs(weights, images, encoder_channels=0, pixels=True):
+    """What a MANN's or LSTM's controller reads of each image of ``images [B, T, H, W, C]``,
+    ``[B, T, D]``: the pixels and/or the features of the encoder at the head of ``weights``
+    (``encoder_channels`` and ``pixels`` as the network was built with)."""
+    encoder = weights[:2 * ENCODER_BLOCKS] if encoder_channels else []
+    return _encode(list(encoder), tf.convert_to_tensor(images), pixels)
+
+
 def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=40, read_heads=4,
          gamma=0.95, write="add", encoder_channels=0, freeze_encoder=False, pixels=True):
     """``(init, apply)`` of the MANN: LSTM controller of ``controller`` units and an LRUA memory of

@@ -110,3 +110,33 @@ def accuracy_by_instance(predictions, labels, n_instances):
         at_k = numbers == k
         columns.append((correct * at_k).sum(1) / np.maximum(at_k.sum(1), 1))
     return np.stack(columns, axis=1)
+
+
+BASELINES = ("nn", "class_mean")
+
+
+def online_baseline(inputs, labels, mode="class_mean"):
+    """Predictions ``[B, T]`` of a classifier with no learnt part on the label-offset protocol:
+    step ``t`` takes the label of the nearest of the earlier steps' ``inputs [B, T, D]``
+    (``mode='nn'``, Euclidean) or of the nearest mean of each label's earlier inputs
+    (``'class_mean'``); only labels of earlier steps are used. It reads how far an encoder's
+    features (or the pixels) alone take a sequence, beside the controller that reads them. A
+    class's first instance gets the nearest label seen so far (label 0 at step 0), so the 1st
+    instance is nearly always wrong: this rule never guesses an unseen label."""
+    if mode not in BASELINES:
+        raise ValueError(f"mode must be one of {list(BASELINES)}, got {mode!r}")
+    x = np.asarray(inputs, np.float64)
+    labels = np.asarray(labels)
+    t = x.shape[1]
+    earlier = np.tril(np.ones([t, t], bool), -1)                            # [t, t']: t' < t
+    if mode == "nn":
+        d = ((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1)             # [B, T, T]
+        nearest = np.where(earlier, d, np.inf).argmin(-1)
+        predictions = np.take_along_axis(labels, nearest, axis=1)
+        return np.where(np.arange(t) == 0, 0, predictions).astype(labels.dtype)
+    one_hot = (labels[..., None] == np.arange(labels.max() + 1)).astype(np.float64)  # [B, T, N]
+    counts = np.einsum("st,btn->bsn", earlier, one_hot)                     # [B, T, N]
+    sums = np.einsum("st,btn,btd->bsnd", earlier, one_hot, x)
+    means = sums / np.maximum(counts, 1)[..., None]
+    d = ((x[:, :, None, :] - means) ** 2).sum(-1)                           # [B, T, N]
+    return np.where(counts > 0, d, np.inf).argmin(-1).astype(labels.dtype)

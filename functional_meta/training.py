@@ -477,14 +477,33 @@ def _sequence_evaluator(config, apply, n_way, jit_compile):
 
     def evaluate_sequences(state, batch):
         predictions, losses = eval_step(state["weights"], batch)
-        labels = np.asarray(batch[2])
-        by_instance = sequences_lib.accuracy_by_instance(predictions, labels,
-                                                         labels.shape[1] // config["n_way"])
-        values = {"accuracy": (np.asarray(predictions) == labels).mean(axis=1),
-                  "loss": np.asarray(losses, np.float64)}
-        values.update({f"instance_{k + 1}": by_instance[:, k] for k in range(by_instance.shape[1])})
-        return values
+        return dict(_sequence_values(predictions, batch[2], config["n_way"]),
+                    loss=np.asarray(losses, np.float64))
     return evaluate_sequences
+
+
+def sequence_baseline_evaluator(config, mode):
+    """The evaluator of ``sequences.online_baseline(mode)`` on what the MANN/LSTM of ``config``
+    reads of each image (its encoder's features and/or the pixels, from the state's weights):
+    per episode ``accuracy`` and ``instance_<k>``, as the network's own evaluator."""
+    if not is_sequence(config):
+        raise ValueError(f"{config['algorithm']} is not a sequence model (mann, lstm)")
+
+    def evaluate_baseline(state, batch):
+        inputs = mann.image_inputs(state["weights"], batch[0], config["encoder_channels"],
+                                   config["pixels"])
+        predictions = sequences_lib.online_baseline(inputs, batch[2], mode)
+        return _sequence_values(predictions, batch[2], config["n_way"])
+    return evaluate_baseline
+
+
+def _sequence_values(predictions, labels, n_way):
+    """Per episode ``accuracy`` over all steps and ``instance_<k>`` (``k = 1 ...``)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    by_instance = sequences_lib.accuracy_by_instance(predictions, labels, labels.shape[1] // n_way)
+    values = {"accuracy": (predictions == labels).mean(axis=1)}
+    values.update({f"instance_{k + 1}": by_instance[:, k] for k in range(by_instance.shape[1])})
+    return values
 
 
 def episode_values(evaluator, state, sampler, num_episodes):

@@ -415,6 +415,62 @@ def test_copying_the_label_input_is_never_right_at_a_first_instance():
     np.testing.assert_array_equal(leaked['instance_1'], 1.0)
 
 
+def _online_baseline_by_loops(x, labels, mode):
+    """``sequences.online_baseline`` step by step: the reference of the test below."""
+    predictions = np.zeros_like(labels)
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if mode == 'nn':
+                d = [np.sum((x[b, t] - x[b, u]) ** 2) for u in range(t)]
+                predictions[b, t] = labels[b, int(np.argmin(d))]
+            else:
+                seen = sorted(set(labels[b, :t]))
+                d = [np.sum((x[b, t] - x[b, :t][labels[b, :t] == c].mean(0)) ** 2) for c in seen]
+                predictions[b, t] = seen[int(np.argmin(d))]
+    return predictions
+
+
+@pytest.mark.parametrize('mode', ['nn', 'class_mean'])
+def test_online_baseline_matches_step_by_step_loops_and_reads_only_earlier_labels(mode):
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.permutation(np.repeat(np.arange(4), 5)) for _ in range(6)])
+    x = rng.normal(size=labels.shape + (7,)) + 2.5 * np.eye(7)[labels]     # noisy classes
+    predictions = sequences.online_baseline(x, labels, mode)
+    np.testing.assert_array_equal(predictions, _online_baseline_by_loops(x, labels, mode))
+    assert 0.4 < (predictions == labels).mean() < 0.95                    # neither trivial nor chance
+    # Inputs that name their own label: right at every later instance, never at a first one
+    # after step 0 (its own label is not among the earlier steps').
+    exact = sequences.online_baseline(np.eye(4)[labels], labels, mode)
+    by_instance = sequences.accuracy_by_instance(exact, labels, 5)
+    np.testing.assert_array_equal(by_instance[:, 0], 0.25 * (labels[:, 0] == 0))
+    np.testing.assert_array_equal(by_instance[:, 1:], 1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sequences.online_baseline(x, labels, 'knn')
+
+
+def test_sequence_baseline_evaluator_reads_the_encoder_features():
+    """The evaluator classifies what the controller reads: for a features-alone MANN, the
+    encoder's features of its weights, so other encoder weights give other predictions."""
+    config = dict(configs.make_config('mann', data='synthetic', n_way=3, k_shot=4),
+                  encoder_channels=4, pixels=False)
+    init, _ = mann.mann(3, (20, 20, 1), controller=8, memory_slots=6, memory_size=4,
+                        read_heads=2, encoder_channels=4, pixels=False)
+    weights = init(0)
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.permutation(np.repeat(np.arange(3), 4)) for _ in range(5)])
+    images = rng.uniform(size=labels.shape + (20, 20, 1)).astype(np.float32)
+    batch = (images, sequences.previous_labels(labels), labels)
+    evaluator = training.sequence_baseline_evaluator(config, 'nn')
+    result = evaluator({'weights': weights}, batch)
+    features = mann._encode(weights[:8], tf.constant(batch[0]), pixels=False)
+    expected = sequences.online_baseline(features, batch[2], 'nn')
+    np.testing.assert_array_equal(result['accuracy'], (expected == batch[2]).mean(1))
+    assert sorted(result) == ['accuracy'] + [f'instance_{k}' for k in range(1, 5)]
+    with pytest.raises(ValueError, match="not a sequence model"):
+        training.sequence_baseline_evaluator(configs.make_config('protonet', data='synthetic'),
+                                             'nn')
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs, the compiled step
 
@@ -583,6 +639,14 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     assert plot.stat().st_size > 1000
     with pytest.raises(app.UsageError, match='--plot_instances draws accuracy by instance'):
         run_binary(eval_bin, ['--method=nn', '--data=synthetic', f'--plot_instances={plot}'])
+    # The pixel rule on the same sequences, beside the LSTM in the figure and its CSV.
+    run_binary(eval_bin, [f'--checkpoint={run}', '--num_episodes=30', '--eval_split=val',
+                          '--method=class_mean', f'--plot_instances={plot}', '--nojit'])
+    out = capsys.readouterr().out
+    assert re.search(r'class_mean on the inputs of lstm .*ckpt-4 \(step 4\): accuracy', out), out
+    assert re.search(r'by instance: 1st 0\.\d{4} ± 0\.\d{4}  2nd ', out), out
+    rows = (tmp_path / 'by_instance.csv').read_text().splitlines()
+    assert rows[1].startswith('class_mean on the inputs of lstm (step 4),1,') and len(rows) == 5
 
 
 @pytest.mark.slow
