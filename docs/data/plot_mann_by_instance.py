@@ -13,7 +13,8 @@ from functional_meta import plots
 
 HERE = Path(__file__).parent
 # The runs drawn (the CSV holds more: their earlier checkpoints).
-SHOWN = ("mann with frozen ProtoNet features alone (step 4000)",
+SHOWN = ("class-mean rule on the frozen ProtoNet features",
+         "mann with frozen ProtoNet features alone (step 4000)",
          "mann with encoder (step 12000)", "mann with augmentation (step 12000)",
          "lstm with frozen ProtoNet features alone (step 4000)",
          "lstm with encoder (step 8000)", "lstm (step 12000)")
