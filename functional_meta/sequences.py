@@ -130,7 +130,8 @@ def online_baseline(inputs, labels, mode="class_mean"):
     t = x.shape[1]
     earlier = np.tril(np.ones([t, t], bool), -1)                            # [t, t']: t' < t
     if mode == "nn":
-        d = ((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1)             # [B, T, T]
+        squares = (x ** 2).sum(-1)                                          # [B, T, T] below
+        d = squares[:, :, None] - 2 * x @ x.transpose(0, 2, 1) + squares[:, None, :]
         nearest = np.where(earlier, d, np.inf).argmin(-1)
         predictions = np.take_along_axis(labels, nearest, axis=1)
         return np.where(np.arange(t) == 0, 0, predictions).astype(labels.dtype)
