@@ -90,6 +90,14 @@ flags.DEFINE_integer("tta", 1, "ProtoNet: test-time augmentation, prototypes ave
                      "support set's first N fixed views: identity, shifts by one pixel down, "
                      "up, right, left, rotations by +10 and -10 degrees, scalings by 0.9 and "
                      "1.1 (1 = the images alone, plain ProtoNet).", lower_bound=1, upper_bound=9)
+flags.DEFINE_boolean("tta_queries", False, "ProtoNet: also embed each query under the same --tta "
+                     "views and average its scores over them (euclidean: the same ranking as "
+                     "the mean of its view embeddings). Needs --tta>1; inductive with "
+                     "--bn=support.")
+flags.DEFINE_boolean("ensemble", False, "ProtoNet: with two or more --checkpoint runs, also score "
+                     "their ensemble on the same episodes: the class of highest mean "
+                     "log-probability over the runs, each scored with this command's --bn, --tta, "
+                     "--tta_queries and --finetune_* options.")
 flags.DEFINE_string("plot_dir", None, "MAML-RL checkpoints: write returns.csv (the printed "
                     "returns), returns.png (return against policy-gradient steps, every "
                     "checkpoint and the random policy) and, for navigation2d, trajectories.png "
@@ -130,9 +138,10 @@ def _inner_steps(config):
 
 def _adapt():
     """ProtoNet's test-time adaptation options (``training.make_evaluator``'s ``adapt``), or None."""
-    if not FLAGS.finetune_steps and FLAGS.tta == 1:
+    if not FLAGS.finetune_steps and FLAGS.tta == 1 and not FLAGS.tta_queries:
         return None
-    return {"steps": FLAGS.finetune_steps, "lr": FLAGS.finetune_lr, "views": FLAGS.tta}
+    return {"steps": FLAGS.finetune_steps, "lr": FLAGS.finetune_lr, "views": FLAGS.tta,
+            "query_views": FLAGS.tta_queries}
 
 
 def _evaluator(config, learner, steps, n_way, context):
@@ -150,7 +159,8 @@ def _adapt_words(adapt):
     if not adapt:
         return ""
     tuned = f", fine-tuned {adapt['steps']} steps at {adapt['lr']:g}" if adapt["steps"] else ""
-    return tuned + f", {adapt['views']} support view{'s' * (adapt['views'] != 1)}"
+    queries = ", queries too" if adapt["query_views"] else ""
+    return tuned + f", {adapt['views']} support view{'s' * (adapt['views'] != 1)}{queries}"
 
 
 def _bn(config):
@@ -203,15 +213,17 @@ def main(argv):
         if _sequence_checkpoints(stored):
             raise app.UsageError("--episodes holds support/query episodes; MANN/LSTM checkpoints "
                                  "are scored on sampled sequences")
-        if FLAGS.save_episodes or FLAGS.episodes_within_group:
-            raise app.UsageError("--save_episodes/--episodes_within_group are for sampled "
-                                 "episodes; with --episodes nothing is sampled")
+        if FLAGS.save_episodes or FLAGS.episodes_within_group or FLAGS.ensemble:
+            raise app.UsageError("--save_episodes/--episodes_within_group/--ensemble are for "
+                                 "sampled episodes; with --episodes nothing is sampled")
         return _score_fixed(paths, stored)
     if FLAGS.save_episodes and os.path.isdir(FLAGS.save_episodes) \
             and os.listdir(FLAGS.save_episodes):
         raise app.UsageError(f"--save_episodes={FLAGS.save_episodes} is not empty: choose a new "
                              "folder")
     sequence = _sequence_checkpoints(stored)
+    if FLAGS.ensemble:
+        _check_ensemble(stored, sequence)
     if sequence and (FLAGS.save_episodes or FLAGS.test_domain):
         raise app.UsageError("--save_episodes/--test_domain are for support/query episodes, not "
                              "MANN/LSTM sequences")
@@ -279,7 +291,7 @@ def main(argv):
                                    num_episodes)
         _report(f"pixel {FLAGS.method}", result, dict(settings, method=FLAGS.method))
         return
-    curves = {}
+    curves, members = {}, []
     for path, config in zip(paths, stored):
         learner = training.make_learner(config, jit_compile=FLAGS.jit)
         state, info, found = checkpoints.restore_state(learner, path)
@@ -302,12 +314,45 @@ def main(argv):
             if sequence:
                 _report_instances(result)
                 curves[curve] = result
+        members.append((config, learner.apply, state, found))
+    if FLAGS.ensemble:
+        _score_ensemble(members, sampler, n_way, num_episodes, settings)
     if FLAGS.plot_instances:
         _plot_instances(curves, settings)
 
 
 # Sequences scored by default for MANN/LSTM checkpoints (the issue's "at least 1000").
 SEQUENCE_EPISODES = 1000
+
+
+def _check_ensemble(stored, sequence):
+    """Usage errors, before any compile, unless --ensemble has two or more ProtoNet runs that take
+    the same images."""
+    if FLAGS.method != "model" or sequence or len(stored) < 2:
+        raise app.UsageError("--ensemble needs --method=model and two or more ProtoNet "
+                             "--checkpoint runs")
+    for config in stored:
+        if config["algorithm"] != "protonet":
+            raise app.UsageError(f"--ensemble is for ProtoNet checkpoints; one is "
+                                 f"{config['algorithm']}")
+        if config.get("image_shape") != stored[0].get("image_shape"):
+            raise app.UsageError(f"--ensemble: the runs take images of shapes "
+                                 f"{stored[0].get('image_shape')} and {config.get('image_shape')}")
+
+
+def _score_ensemble(members, sampler, n_way, num_episodes, settings):
+    """The ensemble of ``members`` (config, apply, state, checkpoint) on the episodes ``sampler``
+    draws, reported as each member is."""
+    from functional_meta import training
+    evaluator = training.make_ensemble_evaluator(
+        [(config, apply) for config, apply, _, _ in members], n_way, jit_compile=FLAGS.jit,
+        bn=FLAGS.bn, adapt=_adapt())
+    result = training.evaluate(evaluator, [state for _, _, state, _ in members], sampler,
+                               num_episodes)
+    found = [checkpoint for _, _, _, checkpoint in members]
+    _report(f"ensemble of {len(members)} protonet checkpoints", result,
+            dict(settings, method="model", algorithm="protonet", checkpoint=found,
+                 bn=FLAGS.bn or "each run's own", adapt=_adapt()))
 
 
 def _sequence_checkpoints(stored):

@@ -3,7 +3,11 @@ set with a head initialised from the prototypes, and test-time augmentation of t
 
 - **Test-time augmentation** (``views``): the support set is embedded under a few fixed image
   transforms (``VIEWS``: the identity, one-pixel shifts, small rotations and scalings) and each
-  prototype is the mean over its examples' views; queries are embedded as they are.
+  prototype is the mean over its examples' views; queries are embedded as they are, or
+  (``query_views``) under the same views with each query's logits averaged over them. For
+  euclidean scores that ranks the classes as the mean of the query's view embeddings would:
+  ``sum_v |q_v - c|^2 = V |mean_v q_v - c|^2 + sum_v |q_v - mean_v q_v|^2``, the last term the
+  same for every class ``c``.
 - **Fine-tuning** (Proto-MAML, Triantafillou et al. 2020): a linear head ``W = 2 c_k``,
   ``b = -|c_k|^2`` from the prototypes ``c_k`` scores ``f . W_k + b_k``, which is ProtoNet's
   ``-|f - c_k|^2`` up to ``|f|^2``, the same for every class (the same softmax). Embedding and
@@ -12,7 +16,10 @@ set with a head initialised from the prototypes, and test-time augmentation of t
   1-shot episodes without other views each support image sits on its own prototype and its loss
   is near zero: the views are what the fine-tuning learns from.
 
-Both are inductive with ``bn='support'``: batch norm takes its statistics from the support
+An ensemble of such models (``make_ensemble_eval_step``) predicts the class of highest mean
+log-probability over its members, each scored with the same options.
+
+All are inductive with ``bn='support'``: batch norm takes its statistics from the support
 views alone and each query is scored on its own; under ``'transductive'`` the whole episode's
 statistics are used, as in ProtoNet's training. The fine-tuning passes see only the support
 views. Everything per episode batch runs in one ``tf.function``::
@@ -146,10 +153,18 @@ def _views(support_x, support_y, views):
             tf.tile(support_y, [1, views]))
 
 
-def logits(apply_fn, weights, episodes, n_way, *, steps=0, lr=0.0, views=1, metric="euclidean",
-           bn="transductive"):
+def logits(apply_fn, weights, episodes, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
+           metric="euclidean", bn="transductive"):
     """Query logits of the adapted model: ProtoNet's (``protonet.logits``) on the support views
-    when ``steps == 0``, else the fine-tuned head's (``adapted_logits``)."""
+    when ``steps == 0``, else the fine-tuned head's (``adapted_logits``); with ``query_views``
+    each query's logits are the mean over its ``views`` views."""
+    if query_views:
+        support_x, support_y, query_x, query_y = episodes
+        b, m = query_x.shape[:2]
+        viewed, _ = _views(query_x, query_y, views)
+        out = logits(apply_fn, weights, (support_x, support_y, viewed, query_y), n_way,
+                     steps=steps, lr=lr, views=views, metric=metric, bn=bn)
+        return tf.reduce_mean(tf.reshape(out, [b, views, m, n_way]), axis=1)
     if steps == 0:
         support_x, support_y, query_x, _ = episodes
         support_x, support_y = _views(support_x, support_y, views)
@@ -159,7 +174,7 @@ def logits(apply_fn, weights, episodes, n_way, *, steps=0, lr=0.0, views=1, metr
                           bn=bn)
 
 
-def check_options(steps, lr, views, metric):
+def check_options(steps, lr, views, metric, query_views=False):
     """``ValueError`` naming the option (the fm-eval flag) unless the adaptation is possible."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps (--finetune_steps) must be a non-negative integer, got {steps!r}")
@@ -169,6 +184,9 @@ def check_options(steps, lr, views, metric):
         raise ValueError(f"steps={steps} fine-tuning steps (--finetune_steps) need lr > 0 "
                          f"(--finetune_lr)")
     check_views(views)
+    if query_views and views == 1:
+        raise ValueError("query_views (--tta_queries) averages over the --tta views: it needs "
+                         "views > 1 (--tta=2..9)")
     if steps and metric != "euclidean":
         raise ValueError(f"fine-tuning (--finetune_steps) initialises its head from euclidean "
                          f"prototypes; this model uses metric={metric!r}")
@@ -192,22 +210,53 @@ def in_chunks(fn, episodes, chunk):
     return tf.reshape(out, [b] + out.shape[2:])
 
 
-def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, metric="euclidean",
-                   jit_compile=True, bn="transductive", episode_chunk=EPISODE_CHUNK):
+def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
+                   metric="euclidean", jit_compile=True, bn="transductive",
+                   episode_chunk=EPISODE_CHUNK):
     """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])`` as
     ``protonet.make_eval_step``, with the episode batch's whole adaptation and scoring in one
     ``tf.function(jit_compile=jit_compile)``; fine-tuning runs ``episode_chunk`` episodes at a
     time (``in_chunks``)."""
+    step = make_ensemble_eval_step([(apply_fn, metric, bn)], n_way, steps=steps, lr=lr,
+                                   views=views, query_views=query_views,
+                                   jit_compile=jit_compile, episode_chunk=episode_chunk)
+
+    def eval_step(weights, episodes):
+        return step([weights], episodes)
+
+    eval_step.compiled = step.compiled
+    return eval_step
+
+
+def ensemble_logits(members, weights, episodes, n_way, **options):
+    """The queries' mean log-probabilities ``[B, M, N]`` over an ensemble: member ``i``,
+    ``(apply_fn, metric, bn)`` under ``weights[i]``, scored by ``logits`` with the shared test-time
+    ``options``. One member: its logits as they are."""
+    out = [logits(apply_fn, w, episodes, n_way, metric=metric, bn=bn, **options)
+           for (apply_fn, metric, bn), w in zip(members, weights)]
+    if len(out) == 1:
+        return out[0]
+    return tf.add_n([tf.nn.log_softmax(o) for o in out]) / len(out)
+
+
+def make_ensemble_eval_step(members, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
+                            jit_compile=True, episode_chunk=EPISODE_CHUNK):
+    """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])`` of the ensemble
+    ``members`` (``(apply_fn, metric, bn)`` each; ``weights``: one list per member), predicting
+    the class of highest mean log-probability (``ensemble_logits``), in one compiled function."""
     n_way = protonet._check_n_way(n_way)
-    check_options(steps, lr, views, metric)
-    nets.support_rows(bn, 1)
-    steps, lr, views = int(steps), float(lr), int(views)
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    for _, metric, bn in members:
+        check_options(steps, lr, views, metric, query_views)
+        nets.support_rows(bn, 1)
+    steps, lr, views, query_views = int(steps), float(lr), int(views), bool(query_views)
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(weights, episodes):
         def batch_logits(part):
-            return logits(apply_fn, weights, part, n_way, steps=steps, lr=lr, views=views,
-                          metric=metric, bn=bn)
+            return ensemble_logits(members, weights, part, n_way, steps=steps, lr=lr,
+                                   views=views, query_views=query_views)
         chunk = episode_chunk if steps else episodes[0].shape[0]
         out = in_chunks(batch_logits, episodes, chunk)
         query_y = episodes[3]
@@ -218,11 +267,13 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, metric="euclide
     checked = []
 
     def eval_step(weights, episodes):
-        weights = protonet._as_weights(weights)
+        if len(weights) != len(members):
+            raise ValueError(f"{len(weights)} weight lists for {len(members)} members")
+        weights = [protonet._as_weights(w) for w in weights]
         if not checked:
             protonet._validate_raw(episodes, n_way)
             checked.append(True)
-        return compiled(weights, protonet._as_episodes(episodes, weights[0].dtype))
+        return compiled(weights, protonet._as_episodes(episodes, weights[0][0].dtype))
 
     eval_step.compiled = compiled
     return eval_step

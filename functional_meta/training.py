@@ -467,6 +467,27 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
     return evaluate_maml
 
 
+def make_ensemble_evaluator(members, n_way, *, jit_compile=None, bn=None, adapt=None):
+    """``evaluator(states, batch) -> {'accuracy': [B]}`` of an ensemble of ProtoNet checkpoints
+    (``adaptation.make_ensemble_eval_step``): ``members`` holds ``(config, apply)`` pairs and
+    ``states`` their states in the same order; ``bn`` (default: each config's) and ``adapt`` as in
+    ``make_evaluator``, the same for every member."""
+    from functional_meta import adaptation
+    for config, _ in members:
+        if config["algorithm"] != "protonet":
+            raise ValueError(f"an ensemble is of ProtoNet checkpoints; one is "
+                             f"{config['algorithm']}")
+    jit_compile = default_jit("protonet") if jit_compile is None else jit_compile
+    step = adaptation.make_ensemble_eval_step(
+        [(apply, config["metric"], bn or config.get("bn", "transductive"))
+         for config, apply in members], n_way, jit_compile=jit_compile, **(adapt or {}))
+
+    def evaluate_ensemble(states, batch):
+        accuracy, _ = step([state["weights"] for state in states], batch)
+        return {"accuracy": np.asarray(accuracy, np.float64)}
+    return evaluate_ensemble
+
+
 def _sequence_evaluator(config, apply, n_way, jit_compile):
     """The MANN/LSTM evaluator: per episode ``accuracy`` over all steps, ``loss``, and
     ``instance_<k>``, the accuracy at the ``k``-th instance of the episode's classes."""

@@ -1,7 +1,9 @@
 """Test-time adaptation of ProtoNet embeddings (functional_meta.adaptation): the views, the
 Proto-MAML head against ProtoNet's logits, zero steps and the identity view against plain
-ProtoNet, the fine-tuning loss's gradient against finite differences (float64), inductive
-scoring, and fine-tuning that helps an under-trained model."""
+ProtoNet, the views of the queries, ensembles, the fine-tuning loss's gradient against finite
+differences (float64), inductive scoring, and fine-tuning that helps an under-trained model."""
+
+import json
 
 import numpy as np
 import pytest
@@ -85,6 +87,60 @@ def test_head_at_step_zero_is_protonet_euclidean_logits_plus_query_norm(bn, view
     _, queries = adaptation._embed(apply, weights, support_x, batch[2], bn)
     norms = tf.reduce_sum(tf.square(queries), -1).numpy()[..., None]
     np.testing.assert_allclose(head - norms, plain, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_query_views_average_the_logits_of_each_view_of_the_queries(monkeypatch, steps):
+    # Under support batch norm each view of the queries is scored on its own, so the averaged
+    # logits are the mean of two runs, one per view of the queries; the support set (and the
+    # fine-tuning, which sees only it) is the same in both.
+    monkeypatch.setattr(adaptation, "VIEWS", ("identity", "shift_down"))
+    weights, apply = tiny()
+    batch = episode(8)
+    options = dict(steps=steps, lr=0.1, views=2, bn="support")
+    averaged = adaptation.logits(apply, weights, batch, 3, query_views=True, **options).numpy()
+    queries = batch[2].shape[1]
+    shifted = adaptation.augment(batch[2], adaptation.view_matrices(2, 10, 10))[:, queries:]
+    per_view = [adaptation.logits(apply, weights, (batch[0], batch[1], q, batch[3]), 3,
+                                  **options).numpy()
+                for q in (batch[2], shifted)]
+    np.testing.assert_allclose(averaged, np.mean(per_view, axis=0), rtol=1e-10, atol=1e-10)
+    assert np.abs(averaged - per_view[0]).max() > 1e-3
+    if steps == 0:   # euclidean: the class whose prototype is nearest the mean view embedding
+        support_x, support_y = adaptation._views(batch[0], batch[1], 2)
+        protos = protonet.prototypes(apply(weights, support_x), support_y, 3)
+        views = [adaptation._embed(apply, weights, support_x, q, "support")[1]
+                 for q in (batch[2], shifted)]
+        nearest = protonet.distances(tf.add_n(views) / 2, protos).numpy().argmin(-1)
+        np.testing.assert_array_equal(averaged.argmax(-1), nearest)
+
+
+def test_ensemble_predicts_the_highest_mean_log_probability_of_its_members():
+    # Two differently initialised members with their own metrics and batch norms.
+    (w_a, apply_a), (w_b, apply_b) = tiny(seed=0), tiny(seed=1, channels=3)
+    batch = episode(9, tasks=3)
+    members = [(apply_a, "euclidean", "support"), (apply_b, "cosine", "transductive")]
+    options = dict(views=2, query_views=True)
+    mean = adaptation.ensemble_logits(members, [w_a, w_b], batch, 3, **options).numpy()
+    each = [adaptation.logits(apply, w, batch, 3, metric=metric, bn=bn, **options).numpy()
+            for (apply, metric, bn), w in zip(members, [w_a, w_b])]
+    log_p = [x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in each]
+    np.testing.assert_allclose(mean, (log_p[0] + log_p[1]) / 2, rtol=1e-10, atol=1e-10)
+    step = adaptation.make_ensemble_eval_step(members, 3, jit_compile=False, **options)
+    accuracy, predictions = step([w_a, w_b], batch)
+    np.testing.assert_array_equal(predictions.numpy(), mean.argmax(-1))
+    np.testing.assert_allclose(accuracy.numpy(),
+                               (mean.argmax(-1) == batch[3].numpy()).mean(axis=1))
+    assert (predictions.numpy() != each[0].argmax(-1)).any() or \
+        (predictions.numpy() != each[1].argmax(-1)).any()
+    # One member: exactly that member's own step.
+    alone = adaptation.make_ensemble_eval_step(members[:1], 3, jit_compile=False, **options)
+    single = adaptation.make_eval_step(apply_a, 3, bn="support", jit_compile=False, **options)
+    np.testing.assert_array_equal(alone([w_a], batch)[1].numpy(), single(w_a, batch)[1].numpy())
+    with pytest.raises(ValueError, match="2 weight lists for 1 members"):
+        alone([w_a, w_b], batch)
+    with pytest.raises(ValueError, match="at least one member"):
+        adaptation.make_ensemble_eval_step([], 3)
 
 
 def test_fine_tuning_loss_gradient_matches_finite_differences():
@@ -172,6 +228,7 @@ def test_fine_tuning_in_chunks_of_episodes_equals_all_at_once():
 @pytest.mark.parametrize("options, match", [
     (dict(steps=-1), "--finetune_steps"), (dict(steps=2, lr=0.0), "--finetune_lr"),
     (dict(views=10), "--tta"), (dict(steps=1, lr=0.1, metric="cosine"), "euclidean"),
+    (dict(query_views=True), "--tta_queries.*--tta=2"),
 ])
 def test_bad_options_name_their_flag(options, match):
     _, apply = tiny()
@@ -199,3 +256,21 @@ def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
     capsys.readouterr()
     run(evaluate, common + ["--finetune_steps=2", "--tta=3", "--bn=support"])
     assert "fine-tuned 2 steps at 0.01, 3 support views" in capsys.readouterr().out
+    with pytest.raises(app.UsageError, match="--tta_queries"):
+        run(evaluate, common + ["--tta_queries"])
+    run(evaluate, common + ["--tta=2", "--tta_queries", "--bn=support"])
+    assert "2 support views, queries too" in capsys.readouterr().out
+    with pytest.raises(app.UsageError, match="--ensemble needs"):
+        run(evaluate, common + ["--ensemble"])
+    other = tmp_path / "other"
+    run(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
+                "--channels=3", "--steps=1", "--val_every=0", "--checkpoint_every=1", "--seed=1",
+                f"--out_dir={other}"])
+    capsys.readouterr()
+    run(evaluate, common + [f"--checkpoint={tmp_path},{other}", "--ensemble", "--tta=2",
+                            "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    assert [line["name"].split(" ")[0] for line in lines] == ["protonet", "protonet", "ensemble"]
+    assert lines[2]["name"] == "ensemble of 2 protonet checkpoints"
+    assert len(lines[2]["checkpoint"]) == 2 and 0 <= lines[2]["accuracy"] <= 1
