@@ -298,6 +298,9 @@ def main(argv):
         if not os.path.exists(f"{path}.index") and Path(found).parent.name != "best":
             logging.warning("%s holds no best checkpoint (its run never validated): scoring the "
                             "latest, %s", path, found)
+        if FLAGS.ensemble:        # scored together below, each member from the same pass
+            members.append((config, learner.apply, state, found, info["step"]))
+            continue
         for steps in _inner_steps(config):
             name = f"{config['algorithm']} {found} (step {info['step']})"
             curve = f"{config['algorithm']} (step {info['step']})"
@@ -314,7 +317,6 @@ def main(argv):
             if sequence:
                 _report_instances(result)
                 curves[curve] = result
-        members.append((config, learner.apply, state, found))
     if FLAGS.ensemble:
         _score_ensemble(members, sampler, n_way, num_episodes, settings)
     if FLAGS.plot_instances:
@@ -341,18 +343,23 @@ def _check_ensemble(stored, sequence):
 
 
 def _score_ensemble(members, sampler, n_way, num_episodes, settings):
-    """The ensemble of ``members`` (config, apply, state, checkpoint) on the episodes ``sampler``
-    draws, reported as each member is."""
+    """Each of ``members`` (config, apply, state, checkpoint, step) and their ensemble on the
+    episodes ``sampler`` draws, in one pass, reported as fm-eval reports a checkpoint."""
     from functional_meta import training
     evaluator = training.make_ensemble_evaluator(
-        [(config, apply) for config, apply, _, _ in members], n_way, jit_compile=FLAGS.jit,
+        [(member[0], member[1]) for member in members], n_way, jit_compile=FLAGS.jit,
         bn=FLAGS.bn, adapt=_adapt())
-    result = training.evaluate(evaluator, [state for _, _, state, _ in members], sampler,
+    result = training.evaluate(evaluator, [member[2] for member in members], sampler,
                                num_episodes)
-    found = [checkpoint for _, _, _, checkpoint in members]
-    _report(f"ensemble of {len(members)} protonet checkpoints", result,
-            dict(settings, method="model", algorithm="protonet", checkpoint=found,
-                 bn=FLAGS.bn or "each run's own", adapt=_adapt()))
+    common = dict(settings, method="model", algorithm="protonet", adapt=_adapt())
+    for i, (config, _, _, found, step) in enumerate(members):
+        mean, ci = result[f"member_{i}"], result[f"member_{i}_ci95"]
+        _report(f"protonet {found} (step {step})", {"accuracy": mean, "accuracy_ci95": ci},
+                dict(common, checkpoint=found, step=step, bn=_bn(config)))
+    _report(f"ensemble of {len(members)} protonet checkpoints",
+            {"accuracy": result["accuracy"], "accuracy_ci95": result["accuracy_ci95"]},
+            dict(common, checkpoint=[member[3] for member in members],
+                 bn=FLAGS.bn or "each run's own"))
 
 
 def _sequence_checkpoints(stored):

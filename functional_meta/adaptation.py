@@ -222,7 +222,7 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=Fal
                                    jit_compile=jit_compile, episode_chunk=episode_chunk)
 
     def eval_step(weights, episodes):
-        return step([weights], episodes)
+        return step([weights], episodes)[:2]
 
     eval_step.compiled = step.compiled
     return eval_step
@@ -231,19 +231,20 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=Fal
 def ensemble_logits(members, weights, episodes, n_way, **options):
     """The queries' mean log-probabilities ``[B, M, N]`` over an ensemble: member ``i``,
     ``(apply_fn, metric, bn)`` under ``weights[i]``, scored by ``logits`` with the shared test-time
-    ``options``. One member: its logits as they are."""
+    ``options``; and the members' own logits, a list. One member: its logits as they are."""
     out = [logits(apply_fn, w, episodes, n_way, metric=metric, bn=bn, **options)
            for (apply_fn, metric, bn), w in zip(members, weights)]
     if len(out) == 1:
-        return out[0]
-    return tf.add_n([tf.nn.log_softmax(o) for o in out]) / len(out)
+        return out[0], out
+    return tf.add_n([tf.nn.log_softmax(o) for o in out]) / len(out), out
 
 
 def make_ensemble_eval_step(members, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
                             jit_compile=True, episode_chunk=EPISODE_CHUNK):
-    """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])`` of the ensemble
-    ``members`` (``(apply_fn, metric, bn)`` each; ``weights``: one list per member), predicting
-    the class of highest mean log-probability (``ensemble_logits``), in one compiled function."""
+    """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M], member_accuracy
+    [B, K])`` of the ensemble of ``members`` (``(apply_fn, metric, bn)`` each; ``weights``: one list
+    per member), predicting the class of highest mean log-probability (``ensemble_logits``); each
+    member's own accuracy comes from the same pass. One compiled function."""
     n_way = protonet._check_n_way(n_way)
     if not members:
         raise ValueError("an ensemble needs at least one member")
@@ -254,15 +255,17 @@ def make_ensemble_eval_step(members, n_way, *, steps=0, lr=0.0, views=1, query_v
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(weights, episodes):
-        def batch_logits(part):
-            return ensemble_logits(members, weights, part, n_way, steps=steps, lr=lr,
-                                   views=views, query_views=query_views)
+        def batch_logits(part):      # [b, 1 + K, M, N]: the ensemble's, then each member's
+            mean, each = ensemble_logits(members, weights, part, n_way, steps=steps, lr=lr,
+                                         views=views, query_views=query_views)
+            return tf.stack([mean] + each, axis=1)
         chunk = episode_chunk if steps else episodes[0].shape[0]
         out = in_chunks(batch_logits, episodes, chunk)
         query_y = episodes[3]
         predictions = tf.argmax(out, axis=-1, output_type=query_y.dtype)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, query_y), out.dtype), axis=1)
-        return accuracy, predictions
+        correct = tf.cast(tf.equal(predictions, query_y[:, None]), out.dtype)
+        accuracy = tf.reduce_mean(correct, axis=2)
+        return accuracy[:, 0], predictions[:, 0], accuracy[:, 1:]
 
     checked = []
 

@@ -468,10 +468,11 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
 
 
 def make_ensemble_evaluator(members, n_way, *, jit_compile=None, bn=None, adapt=None):
-    """``evaluator(states, batch) -> {'accuracy': [B]}`` of an ensemble of ProtoNet checkpoints
-    (``adaptation.make_ensemble_eval_step``): ``members`` holds ``(config, apply)`` pairs and
-    ``states`` their states in the same order; ``bn`` (default: each config's) and ``adapt`` as in
-    ``make_evaluator``, the same for every member."""
+    """``evaluator(states, batch) -> {'accuracy': [B], 'member_<i>': [B], ...}``, the accuracy of
+    an ensemble of ProtoNet checkpoints (``adaptation.make_ensemble_eval_step``) and of each
+    member alone: ``members`` holds ``(config, apply)`` pairs and ``states`` their states in the
+    same order; ``bn`` (default: each config's) and ``adapt`` as in ``make_evaluator``, the same
+    for every member."""
     from functional_meta import adaptation
     for config, _ in members:
         if config["algorithm"] != "protonet":
@@ -483,8 +484,10 @@ def make_ensemble_evaluator(members, n_way, *, jit_compile=None, bn=None, adapt=
          for config, apply in members], n_way, jit_compile=jit_compile, **(adapt or {}))
 
     def evaluate_ensemble(states, batch):
-        accuracy, _ = step([state["weights"] for state in states], batch)
-        return {"accuracy": np.asarray(accuracy, np.float64)}
+        accuracy, _, each = step([state["weights"] for state in states], batch)
+        each = np.asarray(each, np.float64)
+        return {"accuracy": np.asarray(accuracy, np.float64),
+                **{f"member_{i}": each[:, i] for i in range(each.shape[1])}}
     return evaluate_ensemble
 
 

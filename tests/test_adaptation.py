@@ -121,16 +121,22 @@ def test_ensemble_predicts_the_highest_mean_log_probability_of_its_members():
     batch = episode(9, tasks=3)
     members = [(apply_a, "euclidean", "support"), (apply_b, "cosine", "transductive")]
     options = dict(views=2, query_views=True)
-    mean = adaptation.ensemble_logits(members, [w_a, w_b], batch, 3, **options).numpy()
+    mean, returned = adaptation.ensemble_logits(members, [w_a, w_b], batch, 3, **options)
+    mean = mean.numpy()
     each = [adaptation.logits(apply, w, batch, 3, metric=metric, bn=bn, **options).numpy()
             for (apply, metric, bn), w in zip(members, [w_a, w_b])]
+    for got, want in zip(returned, each):
+        np.testing.assert_array_equal(got.numpy(), want)
     log_p = [x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in each]
     np.testing.assert_allclose(mean, (log_p[0] + log_p[1]) / 2, rtol=1e-10, atol=1e-10)
     step = adaptation.make_ensemble_eval_step(members, 3, jit_compile=False, **options)
-    accuracy, predictions = step([w_a, w_b], batch)
+    accuracy, predictions, alone_accuracy = step([w_a, w_b], batch)
     np.testing.assert_array_equal(predictions.numpy(), mean.argmax(-1))
     np.testing.assert_allclose(accuracy.numpy(),
                                (mean.argmax(-1) == batch[3].numpy()).mean(axis=1))
+    for i in range(2):      # each member's own accuracy, from the same pass
+        np.testing.assert_allclose(alone_accuracy.numpy()[:, i],
+                                   (each[i].argmax(-1) == batch[3].numpy()).mean(axis=1))
     assert (predictions.numpy() != each[0].argmax(-1)).any() or \
         (predictions.numpy() != each[1].argmax(-1)).any()
     # One member: exactly that member's own step.
@@ -267,10 +273,17 @@ def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
                 "--channels=3", "--steps=1", "--val_every=0", "--checkpoint_every=1", "--seed=1",
                 f"--out_dir={other}"])
     capsys.readouterr()
-    run(evaluate, common + [f"--checkpoint={tmp_path},{other}", "--ensemble", "--tta=2",
-                            "--json"])
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
-    assert [line["name"].split(" ")[0] for line in lines] == ["protonet", "protonet", "ensemble"]
-    assert lines[2]["name"] == "ensemble of 2 protonet checkpoints"
-    assert len(lines[2]["checkpoint"]) == 2 and 0 <= lines[2]["accuracy"] <= 1
+    both = common + [f"--checkpoint={tmp_path},{other}", "--tta=2", "--json"]
+
+    def printed():
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("{")]
+    run(evaluate, both)
+    apart = printed()
+    run(evaluate, both + ["--ensemble"])
+    together = printed()
+    assert [line["name"] for line in together[:2]] == [line["name"] for line in apart]
+    for alone, member in zip(apart, together):     # the same episodes, the same figures
+        assert member["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-6)
+    assert together[2]["name"] == "ensemble of 2 protonet checkpoints"
+    assert len(together[2]["checkpoint"]) == 2 and 0 <= together[2]["accuracy"] <= 1
