@@ -192,8 +192,10 @@ def check_options(steps, lr, views, metric, query_views=False):
                          f"prototypes; this model uses metric={metric!r}")
 
 
-# Episodes fine-tuned at a time: each has its own copy of the weights, and a batch of 25
-# 20-way episodes with 5 views held about 7 GiB of activations at once.
+# Episodes fine-tuned, or scored with views of their queries, at a time: each fine-tuned one has
+# its own copy of the weights, and a batch of 25 20-way episodes with 5 views held about 7 GiB of
+# activations at once; with 5 views of 300 queries each, conv4-128's first activation alone has
+# 4e9 values for 25 episodes, past what one oneDNN convolution takes (it crashed).
 EPISODE_CHUNK = 5
 
 
@@ -215,8 +217,8 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=Fal
                    episode_chunk=EPISODE_CHUNK):
     """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])`` as
     ``protonet.make_eval_step``, with the episode batch's whole adaptation and scoring in one
-    ``tf.function(jit_compile=jit_compile)``; fine-tuning runs ``episode_chunk`` episodes at a
-    time (``in_chunks``)."""
+    ``tf.function(jit_compile=jit_compile)``; fine-tuning and views of the queries run
+    ``episode_chunk`` episodes at a time (``in_chunks``)."""
     step = make_ensemble_eval_step([(apply_fn, metric, bn)], n_way, steps=steps, lr=lr,
                                    views=views, query_views=query_views,
                                    jit_compile=jit_compile, episode_chunk=episode_chunk)
@@ -259,7 +261,7 @@ def make_ensemble_eval_step(members, n_way, *, steps=0, lr=0.0, views=1, query_v
             mean, each = ensemble_logits(members, weights, part, n_way, steps=steps, lr=lr,
                                          views=views, query_views=query_views)
             return tf.stack([mean] + each, axis=1)
-        chunk = episode_chunk if steps else episodes[0].shape[0]
+        chunk = episode_chunk if steps or query_views else episodes[0].shape[0]
         out = in_chunks(batch_logits, episodes, chunk)
         query_y = episodes[3]
         predictions = tf.argmax(out, axis=-1, output_type=query_y.dtype)
