@@ -106,6 +106,9 @@ def test_query_views_average_the_logits_of_each_view_of_the_queries(monkeypatch,
                 for q in (batch[2], shifted)]
     np.testing.assert_allclose(averaged, np.mean(per_view, axis=0), rtol=1e-10, atol=1e-10)
     assert np.abs(averaged - per_view[0]).max() > 1e-3
+    step = adaptation.make_eval_step(apply, 3, query_views=True, jit_compile=False,
+                                     episode_chunk=1, **options)    # one episode at a time
+    np.testing.assert_array_equal(step(weights, batch)[1].numpy(), averaged.argmax(-1))
     if steps == 0:   # euclidean: the class whose prototype is nearest the mean view embedding
         support_x, support_y = adaptation._views(batch[0], batch[1], 2)
         protos = protonet.prototypes(apply(weights, support_x), support_y, 3)
