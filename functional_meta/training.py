@@ -38,6 +38,8 @@ from functional_meta import sequences as sequences_lib
 HISTORY_FILE = "history.jsonl"
 # Episodes per evaluation batch (validation and test); the last batch is cut to the count asked.
 EVAL_BATCH = 25
+# An evaluation longer than this logs how far it is, at most this often.
+EVAL_PROGRESS_SECONDS = 60.0
 
 
 def default_jit(algorithm):
@@ -537,9 +539,15 @@ def episode_values(evaluator, state, sampler, num_episodes):
         raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
     num_batches = -(-num_episodes // sampler.meta_batch)
     values = {}
-    for batch in episodes.dataset(sampler, start_batch=0, num_batches=num_batches):
+    start = last = time.perf_counter()
+    for i, batch in enumerate(episodes.dataset(sampler, start_batch=0, num_batches=num_batches)):
         for name, v in evaluator(state, batch).items():
             values.setdefault(name, []).append(v)
+        done, now = min((i + 1) * sampler.meta_batch, num_episodes), time.perf_counter()
+        if done < num_episodes and now - last >= EVAL_PROGRESS_SECONDS:
+            logging.info("scored %d/%d episodes in %.0f s (about %.0f s left)", done,
+                         num_episodes, now - start, (now - start) * (num_episodes - done) / done)
+            last = now
     return {name: np.concatenate(v)[:num_episodes] for name, v in values.items()}
 
 

@@ -738,3 +738,19 @@ def test_default_task_chunk_keeps_about_80_omniglot_images_per_chunk():
     assert chunk("maml_omniglot_5way", meta_batch=25) == 5          # a divisor, never a remainder
     assert chunk("maml_miniimagenet") == 1            # one 84x84x3 task is over the budget
     assert chunk("maml_sinusoid") is None             # an MLP: whole meta-batch
+
+
+def test_long_evaluation_logs_its_progress(monkeypatch, caplog):
+    """An evaluation past EVAL_PROGRESS_SECONDS says how many episodes are scored, not after the
+    last batch; a quick one says nothing."""
+    sampler = training.make_sampler(data.synthetic(8, 5, (8, 8, 1), seed=4), n_way=3, k_shot=1,
+                                    q_query=2, meta_batch=2, seed=5)
+    evaluator = training.pixel_evaluator('nn')
+    for seconds, expected in ((0.0, ['2/5', '4/5']), (1e9, [])):
+        monkeypatch.setattr(training, 'EVAL_PROGRESS_SECONDS', seconds)
+        with caplog.at_level('INFO'):
+            caplog.clear()
+            values = training.episode_values(evaluator, None, sampler, 5)
+        said = [r.getMessage().split()[1] for r in caplog.records
+                if r.getMessage().startswith('scored')]
+        assert said == expected and len(values['accuracy']) == 5
