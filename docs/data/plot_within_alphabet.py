@@ -22,7 +22,8 @@ REFERENCE = "all recipe 16k"
 def label(r):
     parts = [r["model"], f"{r['bn']} batch norm"]
     if r["tta_views"] != "1":
-        parts.append(f"{r['tta_views']} views")
+        parts.append(f"{r['tta_views']} views" + (" of support and queries"
+                                                  if r["tta_queries"] == "1" else ""))
     if r["finetune_steps"] != "0":
         parts.append(f"fine-tuned {r['finetune_steps']} steps at {r['finetune_lr']}")
     if r["episodes"] != "600":
