@@ -748,7 +748,7 @@ def test_long_evaluation_logs_its_progress(monkeypatch, caplog):
     evaluator = training.pixel_evaluator('nn')
     for seconds, expected in ((0.0, ['2/5', '4/5']), (1e9, [])):
         monkeypatch.setattr(training, 'EVAL_PROGRESS_SECONDS', seconds)
-        with caplog.at_level('INFO'):
+        with caplog.at_level('INFO', logger='absl'):     # whatever verbosity a binary left
             caplog.clear()
             values = training.episode_values(evaluator, None, sampler, 5)
         said = [r.getMessage().split()[1] for r in caplog.records
