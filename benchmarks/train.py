@@ -106,6 +106,10 @@ flags.DEFINE_bool("freeze_encoder", False, "mann/lstm with --backbone=conv4: kee
 flags.DEFINE_bool("pixels", True, "mann/lstm with --backbone=conv4: the controller reads the "
                   "pixels beside the encoder's features; --nopixels, the features alone (with "
                   "an encoder from --encoder_from).")
+flags.DEFINE_bool("head_inputs", False, "mann: the memory heads also read each step's image "
+                  "input (what the controller reads of it: pixels and/or encoder features) "
+                  "through a kernel of their own, so the keys that read and write the memory need "
+                  "not pass through the LSTM; not in the paper (docs/mann.md).")
 flags.DEFINE_integer("image_size", None, "Image data (--data=omniglot, omniglot_tfds, folder, "
                      "synthetic): train on SxS images, area-resized from the source, with the "
                      "preset's channels, e.g. 56 for Omniglot at twice the presets' 28x28 "
@@ -206,6 +210,12 @@ def _check_encoder_from(values):
         or values["algorithm"] in configs.SEQUENCE_ALGORITHMS and values["backbone"] == "conv4")
 
 
+@flags.multi_flags_validator(["head_inputs", "algorithm"],
+                             "--head_inputs needs --algorithm=mann (the LSTM has no memory heads)")
+def _check_head_inputs(values):
+    return not values["head_inputs"] or values["algorithm"] in (None, "mann")
+
+
 def config_from_flags():
     """The training config (preset + flags + data settings); ``app.UsageError`` on bad input."""
     hidden = None
@@ -248,6 +258,8 @@ def config_from_flags():
         config["freeze_encoder"] = True
     if not FLAGS.pixels:
         config["pixels"] = False
+    if FLAGS.head_inputs:
+        config["head_inputs"] = True
     return config
 
 

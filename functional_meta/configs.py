@@ -42,7 +42,7 @@ AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 # The same for fields of the MANN/LSTM presets only: their first runs wrote keys, used Adam and
 # read the pixels.
 SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam", "encoder_channels": 0,
-                           "freeze_encoder": False, "pixels": True}
+                           "freeze_encoder": False, "pixels": True, "head_inputs": False}
 # The optimisers of the MANN/LSTM (``optim.OPTIMIZERS``) and what a MANN head writes
 # (``mann.WRITES``); RMSProp's rate when none is given is the MANN paper's.
 SEQUENCE_OPTIMIZERS = ("adam", "rmsprop")
@@ -221,7 +221,7 @@ def make_config(algorithm, preset=None, data=None, lr_mode=None, metric="euclide
                              "backbone='conv4' (without, the controller reads the pixels)")
         channels = config.pop("channels", None)
         config["encoder_channels"] = (channels or SEQUENCE_ENCODER_CHANNELS) if backbone else 0
-        config["freeze_encoder"], config["pixels"] = False, True
+        config["freeze_encoder"], config["pixels"], config["head_inputs"] = False, True, False
     if algorithm in SUPERVISED_ALGORITHMS:
         family = "supervised"
     if config["family"] != family:
@@ -354,6 +354,10 @@ def check_config(config):
             if value not in (False, True) or (value != default and not encoder):
                 raise ValueError(f"{name} must be true or false, and {str(not default).lower()} "
                                  f"only with an encoder (encoder_channels > 0), got {value!r}")
+        if config.get("head_inputs", False) not in (False, True) \
+                or config.get("head_inputs") and config["net"] != "mann":
+            raise ValueError(f"head_inputs must be true or false, and true only for the MANN "
+                             f"(the LSTM has no memory heads), got {config.get('head_inputs')!r}")
         _check_positive_float(config, "clip_norm")
         for name, allowed in (("optimizer", SEQUENCE_OPTIMIZERS), ("write", SEQUENCE_WRITES)):
             if config.get(name, allowed[-1]) not in allowed:

@@ -228,7 +228,8 @@ def _input_kernel(seed, pixels, d, n_classes, width, dtype):
 def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder, pixels):
     """The input side that ``mann`` and ``lstm`` share: ``(init, pre_inputs, n)`` with
     ``init(seed, dtype) -> [*encoder, w_in]`` (``n`` tensors) and ``pre_inputs(those weights,
-    (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias).
+    (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias); with
+    ``with_images=True`` also what the controller reads of each image, ``[B, T, D]``.
     ``freeze_encoder``: no gradient reaches the encoder's weights; ``pixels=False``: the
     controller reads the encoder's features alone."""
     _check_encoder(encoder_channels)
@@ -243,11 +244,12 @@ def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder, pixe
         return [*_encoder_init(seed, encoder_channels, image_shape[-1], dtype),
                 _input_kernel(seed, n_pixels, d, n_classes, width, dtype)]
 
-    def pre_inputs(weights, episode):
+    def pre_inputs(weights, episode, with_images=False):
         images, previous_labels = episode
         encoder = [tf.stop_gradient(w) for w in weights[:-1]] if freeze_encoder else weights[:-1]
         images = _encode(encoder, tf.convert_to_tensor(images), pixels)
-        return _inputs(weights[-1], images, previous_labels, n_classes)
+        out = _inputs(weights[-1], images, previous_labels, n_classes)
+        return (out, images) if with_images else out
 
     return init, pre_inputs, n
 
@@ -281,7 +283,8 @@ def image_inputs(weights, images, encoder_channels=0, pixels=True):
 
 
 def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=40, read_heads=4,
-         gamma=0.95, write="add", encoder_channels=0, freeze_encoder=False, pixels=True):
+         gamma=0.95, write="add", encoder_channels=0, freeze_encoder=False, pixels=True,
+         head_inputs=False):
     """``(init, apply)`` of the MANN: LSTM controller of ``controller`` units and an LRUA memory of
     ``memory_slots`` x ``memory_size`` with ``read_heads`` heads (the paper: 200, 128 x 40, 4).
     ``write``: what a head writes, ``'add'`` (a vector of its own) or ``'key'`` (its key, the
@@ -290,13 +293,17 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     filters (conv4 without batch norm), which may generalise to unseen alphabets better than
     pixel weights learnt from few characters (docs/mann.md); ``freeze_encoder`` keeps it as
     initialised (e.g. from a ProtoNet embedding, ``nets.fold_batch_norm``); ``pixels=False``
-    leaves out the pixels, the controller reading the features alone.
+    leaves out the pixels, the controller reading the features alone. ``head_inputs``: the heads
+    also read the step's image input (pixels and/or features, what the controller reads of it)
+    through a kernel of their own, so a key need not pass through the LSTM to match what was
+    written; not in the paper (docs/mann.md).
 
     ``init(seed, dtype=tf.float32)`` -> weights ``[*encoder, w_in (D + n_classes, 4H),
     w_rec (H + R*M, 4H), b (4H,), w_head (H, R*(A + 2)), b_head, w_out (H + R*M, n_classes),
-    b_out]``: ``encoder`` the encoder's kernels and biases (none with ``encoder_channels=0``),
-    ``D`` the pixels (``prod(image_shape)``) plus the encoder's features; ``w_head`` gives each
-    head's key (and add vector: ``A = 2M``; with ``write='key'`` ``A = M``), gate and strength.
+    b_out]``, then ``w_direct (D, R*(A + 2))`` with ``head_inputs``: ``encoder`` the encoder's
+    kernels and biases (none with ``encoder_channels=0``), ``D`` the pixels
+    (``prod(image_shape)``) plus the encoder's features; ``w_head`` gives each head's key (and add
+    vector: ``A = 2M``; with ``write='key'`` ``A = M``), gate and strength.
     ``apply(weights, (images [B, T, *image_shape], previous_labels [B, T]))`` -> logits
     ``[B, T, n_classes]``, the whole sequence in one ``tf.scan``.
     """
@@ -312,24 +319,33 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
     a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
     front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
                                         freeze_encoder, pixels)
+    d = (math.prod(image_shape) if pixels else 0) + _feature_count(image_shape, encoder_channels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
         return [*front_init(seed, dtype),
                 _glorot(seed, 1, [h + r * m, 4 * h], dtype), _lstm_bias(h, dtype),
                 _glorot(seed, 2, [h, r * (a + 2)], dtype), _head_bias(r, a, dtype),
-                _glorot(seed, 3, [h + r * m, n_classes], dtype), tf.zeros([n_classes], dtype)]
+                _glorot(seed, 3, [h + r * m, n_classes], dtype), tf.zeros([n_classes], dtype)
+                ] + ([_glorot(seed, 4, [d, r * (a + 2)], dtype)] if head_inputs else [])
 
     def apply(weights, episode):
-        w_rec, b, w_head, b_head, w_out, b_out = weights[n_front:]
-        pre_inputs = front(weights[:n_front], episode) + b
+        w_rec, b, w_head, b_head, w_out, b_out = weights[n_front:n_front + 6]
+        pre_inputs, images = front(weights[:n_front], episode, with_images=True)
+        pre_inputs += b
         batch, dtype = pre_inputs.shape[1], pre_inputs.dtype
+        # Each step's direct contribution to its heads, [T, B, R*(A + 2)]; or none.
+        scanned = (pre_inputs, tf.einsum("btd,dk->tbk", images, weights[-1])) if head_inputs \
+            else (pre_inputs,)
 
-        def step(carry, pre_input):
+        def step(carry, inputs):
             hidden, cell, reads, memory = carry
-            pre = pre_input + tf.matmul(tf.concat([hidden, reads], -1), w_rec)
+            pre = inputs[0] + tf.matmul(tf.concat([hidden, reads], -1), w_rec)
             hidden, cell = _lstm_cell(pre, cell)
-            head = tf.reshape(tf.matmul(hidden, w_head) + b_head, [batch, r, a + 2])
+            head = tf.matmul(hidden, w_head) + b_head
+            if head_inputs:
+                head += inputs[1]
+            head = tf.reshape(head, [batch, r, a + 2])
             vectors = tf.tanh(head[..., :a])
             keys, adds = vectors[..., :m], vectors[..., a - m:]    # the same for write='key'
             gates, strengths = head[..., a], tf.nn.softplus(head[..., a + 1])
@@ -340,7 +356,7 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
         zeros = tf.zeros([batch, h], dtype)
         start = (zeros, zeros, tf.zeros([batch, r * m], dtype),
                  tuple(initial_memory(batch, memory_slots, m, r, dtype)))
-        hidden, _, reads, _ = tf.scan(step, pre_inputs, initializer=start)     # [T, B, ...]
+        hidden, _, reads, _ = tf.scan(step, scanned, initializer=start)     # [T, B, ...]
         logits = tf.matmul(tf.concat([hidden, reads], -1), w_out) + b_out
         return tf.transpose(logits, [1, 0, 2])
 

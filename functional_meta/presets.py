@@ -118,7 +118,8 @@ def network(config, n_way=None):
         return mann.mann(way, tuple(config["image_shape"]), controller=config["controller"],
                          memory_slots=config["memory_slots"], memory_size=config["memory_size"],
                          read_heads=config["read_heads"], gamma=config["gamma"],
-                         write=config.get("write", "key"), **front)
+                         write=config.get("write", "key"),
+                         head_inputs=config.get("head_inputs", False), **front)
     if config["net"] == "lstm":
         return mann.lstm(way, tuple(config["image_shape"]), units=config["controller"], **front)
     if config["net"] in IMAGE_NETS:

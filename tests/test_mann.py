@@ -287,6 +287,34 @@ def test_features_alone_model_reads_no_pixels(model):
         configs.check_config({**configs.make_config(model), 'pixels': False})
 
 
+@pytest.mark.parametrize('pixels', [True, False])
+def test_heads_reading_the_image_input(pixels):
+    # With w_direct zero the model is the one without head inputs; its gradient (w_direct
+    # included) matches central differences, and w_direct's product reaches the heads.
+    _, plain = SMALL_MODELS['mann'](**ENCODED, pixels=pixels)
+    init, direct = SMALL_MODELS['mann'](**ENCODED, pixels=pixels, head_inputs=True)
+    shift = np.random.default_rng(7)                         # nonzero feature rows and biases
+    weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
+    images, previous, labels = encoded_sequence()
+    d = (17 * 16 if pixels else 0) + 3
+    assert weights[-1].shape == (d, 2 * (2 * 3 + 2))          # image input -> R * (2M + 2)
+    zeroed = weights[:-1] + [tf.zeros_like(weights[-1])]
+    np.testing.assert_array_equal(direct(zeroed, (images, previous)).numpy(),
+                                  plain(weights[:-1], (images, previous)).numpy())
+    check_finite_differences(direct, weights, (images, previous, labels),
+                             [2 * mann.ENCODER_BLOCKS, len(weights) - 1], seed=8)
+    config = configs.make_config('mann', backbone='conv4')
+    assert config['head_inputs'] is False
+    with pytest.raises(ValueError, match='head_inputs must be true or false, and true only for '
+                                         'the MANN'):
+        configs.check_config({**configs.make_config('lstm'), 'head_inputs': True})
+    learner = training.make_learner({**config, 'head_inputs': True}, jit_compile=False)
+    assert len(learner.init(0)['weights']) == 2 * mann.ENCODER_BLOCKS + 8
+    with pytest.raises(flags.IllegalFlagValueError, match='--head_inputs needs --algorithm=mann'):
+        with flagsaver.flagsaver(algorithm='lstm', head_inputs=True):
+            pass
+
+
 def test_encoded_steps_see_neither_later_images_nor_other_episodes():
     init, apply = mann.mann(**ENCODED, controller=4, memory_slots=5, memory_size=3, read_heads=2)
     weights = init(0, dtype=tf.float64)
