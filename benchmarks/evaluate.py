@@ -94,6 +94,14 @@ flags.DEFINE_boolean("tta_queries", False, "ProtoNet: also embed each query unde
                      "views and average its scores over them (euclidean: the same ranking as "
                      "the mean of its view embeddings). Needs --tta>1; inductive with "
                      "--bn=support.")
+flags.DEFINE_integer("transductive_steps", 0, "ProtoNet: refine the prototypes this many times "
+                     "with the episode's unlabelled queries (soft k-means, Ren et al. 2018): "
+                     "each becomes the mean of its support images and of every query weighted by "
+                     "the current probability of its class. Transductive, whatever --bn says: a "
+                     "query's score depends on the episode's other queries (here 15 per class, a "
+                     "balanced set). With --ensemble the runs refine jointly by their mean "
+                     "probability, each run's own line alone. 0 = inductive scoring (default).",
+                     lower_bound=0, upper_bound=20)
 flags.DEFINE_boolean("ensemble", False, "ProtoNet: with two or more --checkpoint runs, also score "
                      "their ensemble on the same episodes: the class of highest mean "
                      "log-probability over the runs, each scored with this command's --bn, --tta, "
@@ -138,10 +146,11 @@ def _inner_steps(config):
 
 def _adapt():
     """ProtoNet's test-time adaptation options (``training.make_evaluator``'s ``adapt``), or None."""
-    if not FLAGS.finetune_steps and FLAGS.tta == 1 and not FLAGS.tta_queries:
+    if not (FLAGS.finetune_steps or FLAGS.tta > 1 or FLAGS.tta_queries
+            or FLAGS.transductive_steps):
         return None
     return {"steps": FLAGS.finetune_steps, "lr": FLAGS.finetune_lr, "views": FLAGS.tta,
-            "query_views": FLAGS.tta_queries}
+            "query_views": FLAGS.tta_queries, "transductive_steps": FLAGS.transductive_steps}
 
 
 def _evaluator(config, learner, steps, n_way, context):
@@ -160,7 +169,11 @@ def _adapt_words(adapt):
         return ""
     tuned = f", fine-tuned {adapt['steps']} steps at {adapt['lr']:g}" if adapt["steps"] else ""
     queries = ", queries too" if adapt["query_views"] else ""
-    return tuned + f", {adapt['views']} support view{'s' * (adapt['views'] != 1)}{queries}"
+    refined = adapt.get("transductive_steps", 0)
+    refined = (f", prototypes refined {refined} time{'s' * (refined != 1)} by the queries "
+               "(transductive)") if refined else ""
+    return tuned + f", {adapt['views']} support view{'s' * (adapt['views'] != 1)}{queries}" \
+        + refined
 
 
 def _bn(config):

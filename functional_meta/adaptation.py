@@ -16,13 +16,18 @@ set with a head initialised from the prototypes, and test-time augmentation of t
   1-shot episodes without other views each support image sits on its own prototype and its loss
   is near zero: the views are what the fine-tuning learns from.
 
+- **Transductive refinement** (``transductive_steps``; soft k-means, Ren et al. 2018): the
+  prototypes are recomputed a few times as means of the support images and of every query
+  weighted by the current probability of its class. It uses the episode's queries together, so
+  it is transductive whatever ``bn`` says.
+
 An ensemble of such models (``make_ensemble_eval_step``) predicts the class of highest mean
 log-probability over its members, each scored with the same options.
 
-All are inductive with ``bn='support'``: batch norm takes its statistics from the support
-views alone and each query is scored on its own; under ``'transductive'`` the whole episode's
-statistics are used, as in ProtoNet's training. The fine-tuning passes see only the support
-views. Everything per episode batch runs in one ``tf.function``::
+All but the refinement are inductive with ``bn='support'``: batch norm takes its statistics from
+the support views alone and each query is scored on its own; under ``'transductive'`` the whole
+episode's statistics are used, as in ProtoNet's training. The fine-tuning passes see only the
+support views. Everything per episode batch runs in one ``tf.function``::
 
     step = adaptation.make_eval_step(apply, n_way=20, steps=10, lr=0.01, views=5, bn="support")
     accuracy, predictions = step(weights, (support_x, support_y, query_x, query_y))
@@ -155,9 +160,13 @@ def _views(support_x, support_y, views):
 
 def logits(apply_fn, weights, episodes, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
            metric="euclidean", bn="transductive"):
-    """Query logits of the adapted model: ProtoNet's (``protonet.logits``) on the support views
-    when ``steps == 0``, else the fine-tuned head's (``adapted_logits``); with ``query_views``
-    each query's logits are the mean over its ``views`` views."""
+    """Query logits of the adapted model: ProtoNet's on the support views when ``steps == 0``
+    (``prototype_logits``), else the fine-tuned head's (``adapted_logits``); with
+    ``query_views`` each query's logits are the mean over its ``views`` views."""
+    if steps == 0:
+        support, support_y, queries = embeddings(apply_fn, weights, episodes, views=views,
+                                                 query_views=query_views, bn=bn)
+        return prototype_logits(queries, protonet.prototypes(support, support_y, n_way), metric)
     if query_views:
         support_x, support_y, query_x, query_y = episodes
         b, m = query_x.shape[:2]
@@ -165,17 +174,56 @@ def logits(apply_fn, weights, episodes, n_way, *, steps=0, lr=0.0, views=1, quer
         out = logits(apply_fn, weights, (support_x, support_y, viewed, query_y), n_way,
                      steps=steps, lr=lr, views=views, metric=metric, bn=bn)
         return tf.reduce_mean(tf.reshape(out, [b, views, m, n_way]), axis=1)
-    if steps == 0:
-        support_x, support_y, query_x, _ = episodes
-        support_x, support_y = _views(support_x, support_y, views)
-        return protonet.logits(apply_fn, weights, support_x, support_y, query_x, n_way, metric,
-                               bn)
     return adapted_logits(apply_fn, weights, episodes, n_way, steps=steps, lr=lr, views=views,
                           bn=bn)
 
 
-def check_options(steps, lr, views, metric, query_views=False):
+def embeddings(apply_fn, weights, episodes, *, views=1, query_views=False, bn="transductive"):
+    """``(support [B, V*S, D], support_y [B, V*S], queries [B, Q, M, D])``: the support set's
+    ``views`` views and the queries (their ``views`` views with ``query_views``, ``Q`` of them,
+    else ``Q = 1``), embedded by one ``apply_fn`` call (batch norm as ``bn`` says)."""
+    support_x, support_y, query_x, query_y = episodes
+    b, m = query_x.shape[:2]
+    support_x, support_y = _views(support_x, support_y, views)
+    if query_views:
+        query_x, _ = _views(query_x, query_y, views)
+    support, queries = _embed(apply_fn, weights, support_x, query_x, bn)
+    return support, support_y, tf.reshape(queries, [b, -1, m, queries.shape[-1]])
+
+
+def prototype_logits(queries, protos, metric="euclidean"):
+    """``-distances`` of ``queries [B, Q, M, D]`` (``Q`` views of each) to ``protos [B, N, D]``,
+    averaged over the views: ``[B, M, N]``."""
+    b, q, m = queries.shape[:3]
+    with tf.name_scope("distances"):
+        out = -protonet.distances(tf.reshape(queries, [b, q * m, -1]), protos, metric)
+    return tf.reduce_mean(tf.reshape(out, [b, q, m, -1]), axis=1)
+
+
+def soft_kmeans_prototypes(support, support_y, queries, assignment, n_way, views=1):
+    """One refinement of the prototypes by the unlabelled queries (soft k-means, Ren et al. 2018):
+    class ``k``'s prototype is the weighted mean of its support images (weight 1 each) and of
+    every query (weight ``assignment [B, M, N]``, e.g. the posterior ``p(k | query)``); an image
+    is the mean of its views (``support``: ``views`` views of each support image, as
+    ``embeddings`` gives them; ``queries [B, Q, M, D]``). Transductive: a prototype depends on all
+    the episode's queries."""
+    labelled = tf.one_hot(support_y, n_way, dtype=support.dtype) / views        # [B, V*S, N]
+    sums = (tf.matmul(labelled, support, transpose_a=True)
+            + tf.matmul(assignment, tf.reduce_mean(queries, axis=1), transpose_a=True))
+    counts = tf.reduce_sum(labelled, axis=1) + tf.reduce_sum(assignment, axis=1)  # [B, N]
+    return sums / counts[:, :, None]
+
+
+def check_options(steps, lr, views, metric, query_views=False, transductive_steps=0):
     """``ValueError`` naming the option (the fm-eval flag) unless the adaptation is possible."""
+    if isinstance(transductive_steps, bool) or not isinstance(transductive_steps, (int, np.integer)) \
+            or not 0 <= transductive_steps <= MAX_TRANSDUCTIVE_STEPS:
+        raise ValueError(f"transductive_steps (--transductive_steps) must be an integer in "
+                         f"[0, {MAX_TRANSDUCTIVE_STEPS}], got {transductive_steps!r}")
+    if transductive_steps and steps:
+        raise ValueError("transductive_steps (--transductive_steps) refines ProtoNet's prototypes; "
+                         "it cannot follow fine-tuning (--finetune_steps), whose head it would "
+                         "replace")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps (--finetune_steps) must be a non-negative integer, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr < 0:
@@ -191,6 +239,9 @@ def check_options(steps, lr, views, metric, query_views=False):
         raise ValueError(f"fine-tuning (--finetune_steps) initialises its head from euclidean "
                          f"prototypes; this model uses metric={metric!r}")
 
+
+# Soft k-means refinements are unrolled in the compiled step; a few converge (docs/accuracy.md).
+MAX_TRANSDUCTIVE_STEPS = 20
 
 # Episodes fine-tuned, or scored with views of their queries, at a time: each fine-tuned one has
 # its own copy of the weights, and a batch of 25 20-way episodes with 5 views held about 7 GiB of
@@ -213,7 +264,7 @@ def in_chunks(fn, episodes, chunk):
 
 
 def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
-                   metric="euclidean", jit_compile=True, bn="transductive",
+                   transductive_steps=0, metric="euclidean", jit_compile=True, bn="transductive",
                    episode_chunk=EPISODE_CHUNK):
     """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M])`` as
     ``protonet.make_eval_step``, with the episode batch's whole adaptation and scoring in one
@@ -221,6 +272,7 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=Fal
     ``episode_chunk`` episodes at a time (``in_chunks``)."""
     step = make_ensemble_eval_step([(apply_fn, metric, bn)], n_way, steps=steps, lr=lr,
                                    views=views, query_views=query_views,
+                                   transductive_steps=transductive_steps,
                                    jit_compile=jit_compile, episode_chunk=episode_chunk)
 
     def eval_step(weights, episodes):
@@ -230,19 +282,51 @@ def make_eval_step(apply_fn, n_way, *, steps=0, lr=0.0, views=1, query_views=Fal
     return eval_step
 
 
-def ensemble_logits(members, weights, episodes, n_way, **options):
+def ensemble_logits(members, weights, episodes, n_way, *, transductive_steps=0, **options):
     """The queries' mean log-probabilities ``[B, M, N]`` over an ensemble: member ``i``,
     ``(apply_fn, metric, bn)`` under ``weights[i]``, scored by ``logits`` with the shared test-time
-    ``options``; and the members' own logits, a list. One member: its logits as they are."""
-    out = [logits(apply_fn, w, episodes, n_way, metric=metric, bn=bn, **options)
-           for (apply_fn, metric, bn), w in zip(members, weights)]
-    if len(out) == 1:
-        return out[0], out
-    return tf.add_n([tf.nn.log_softmax(o) for o in out]) / len(out), out
+    ``options``; and the members' own logits, a list. One member: its logits as they are.
+
+    ``transductive_steps``: the prototypes are refined that many times by the episode's queries
+    (``refined_logits``): the ensemble's jointly, each query weighted by the ensemble's posterior,
+    and each member's own alone, as when it is scored by itself."""
+    if not transductive_steps:
+        out = [logits(apply_fn, w, episodes, n_way, metric=metric, bn=bn, **options)
+               for (apply_fn, metric, bn), w in zip(members, weights)]
+        return _mean_log_probability(out), out
+    views = options.get("views", 1)
+    parts = [(metric, *embeddings(apply_fn, w, episodes, views=views,
+                                  query_views=options.get("query_views", False), bn=bn))
+             for (apply_fn, metric, bn), w in zip(members, weights)]
+    own = [refined_logits([part], n_way, transductive_steps, views)[0] for part in parts]
+    joint = refined_logits(parts, n_way, transductive_steps, views) if len(parts) > 1 else own
+    return _mean_log_probability(joint), own
+
+
+def refined_logits(parts, n_way, steps, views=1):
+    """Transductive prototypes: the logits (``prototype_logits``) of members ``parts``, each
+    ``(metric, support, support_y, queries)`` as ``embeddings`` gives them, after ``steps`` soft
+    k-means refinements (``soft_kmeans_prototypes``) that weight each query by the members'
+    current posterior (the softmax of their mean log-probability)."""
+    protos = [protonet.prototypes(support, support_y, n_way) for _, support, support_y, _ in parts]
+    for step in range(steps + 1):
+        out = [prototype_logits(queries, p, metric)
+               for (metric, _, _, queries), p in zip(parts, protos)]
+        if step == steps:
+            return out
+        posterior = tf.nn.softmax(_mean_log_probability(out))
+        protos = [soft_kmeans_prototypes(support, support_y, queries, posterior, n_way, views)
+                  for _, support, support_y, queries in parts]
+
+
+def _mean_log_probability(member_logits):
+    if len(member_logits) == 1:
+        return member_logits[0]
+    return tf.add_n([tf.nn.log_softmax(o) for o in member_logits]) / len(member_logits)
 
 
 def make_ensemble_eval_step(members, n_way, *, steps=0, lr=0.0, views=1, query_views=False,
-                            jit_compile=True, episode_chunk=EPISODE_CHUNK):
+                            transductive_steps=0, jit_compile=True, episode_chunk=EPISODE_CHUNK):
     """``eval_step(weights, episodes) -> (accuracy [B], predictions [B, M], member_accuracy
     [B, K])`` of the ensemble of ``members`` (``(apply_fn, metric, bn)`` each; ``weights``: one list
     per member), predicting the class of highest mean log-probability (``ensemble_logits``); each
@@ -251,15 +335,17 @@ def make_ensemble_eval_step(members, n_way, *, steps=0, lr=0.0, views=1, query_v
     if not members:
         raise ValueError("an ensemble needs at least one member")
     for _, metric, bn in members:
-        check_options(steps, lr, views, metric, query_views)
+        check_options(steps, lr, views, metric, query_views, transductive_steps)
         nets.support_rows(bn, 1)
     steps, lr, views, query_views = int(steps), float(lr), int(views), bool(query_views)
+    transductive_steps = int(transductive_steps)
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def compiled(weights, episodes):
         def batch_logits(part):      # [b, 1 + K, M, N]: the ensemble's, then each member's
             mean, each = ensemble_logits(members, weights, part, n_way, steps=steps, lr=lr,
-                                         views=views, query_views=query_views)
+                                         views=views, query_views=query_views,
+                                         transductive_steps=transductive_steps)
             return tf.stack([mean] + each, axis=1)
         chunk = episode_chunk if steps or query_views else episodes[0].shape[0]
         out = in_chunks(batch_logits, episodes, chunk)

@@ -417,7 +417,8 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
     or ``'support'`` (the support set's alone, so each query is scored independently;
     ``nets.support_rows``); default: the config's ``bn``, how it was trained. MANN/LSTM networks
     have no batch norm and take only ``'transductive'``. ``adapt``: ProtoNet's test-time
-    adaptation, ``adaptation.make_eval_step``'s ``steps``, ``lr`` and ``views`` as a dict.
+    adaptation, ``adaptation.make_eval_step``'s ``steps``, ``lr``, ``views``, ``query_views`` and
+    ``transductive_steps`` as a dict.
     """
     bn = bn or config.get("bn", "transductive")
     if jit_compile is None:
@@ -428,8 +429,9 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
         return _sequence_evaluator(config, apply, n_way, jit_compile)
     n_way = n_way or (config.get("test_n_way") or config["n_way"])
     if adapt and config["algorithm"] != "protonet":
-        raise ValueError(f"test-time fine-tuning and augmentation (--finetune_steps, --tta) are "
-                         f"for ProtoNet; this checkpoint is {config['algorithm']}")
+        raise ValueError(f"test-time fine-tuning, augmentation and refinement (--finetune_steps, "
+                         f"--tta, --tta_queries, --transductive_steps) are for ProtoNet; this "
+                         f"checkpoint is {config['algorithm']}")
     if config["algorithm"] == "protonet":
         if adapt:
             from functional_meta import adaptation
