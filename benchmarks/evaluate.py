@@ -172,8 +172,8 @@ def _adapt_words(adapt):
     refined = adapt.get("transductive_steps", 0)
     refined = (f", prototypes refined {refined} time{'s' * (refined != 1)} by the queries "
                "(transductive)") if refined else ""
-    return tuned + f", {adapt['views']} support view{'s' * (adapt['views'] != 1)}{queries}" \
-        + refined
+    views = f", {adapt['views']} support views{queries}" if adapt["views"] > 1 else ""
+    return tuned + views + refined
 
 
 def _bn(config):

@@ -381,7 +381,8 @@ def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
     with pytest.raises(app.UsageError, match="--transductive_steps.*--finetune_steps"):
         run(evaluate, common + ["--transductive_steps=2", "--finetune_steps=1"])
     run(evaluate, common + ["--transductive_steps=2"])
-    assert "prototypes refined 2 times by the queries (transductive)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batch norm, prototypes refined 2 times by the queries (transductive))" in out
     with pytest.raises(app.UsageError, match="--ensemble needs"):
         run(evaluate, common + ["--ensemble"])
     other = tmp_path / "other"
