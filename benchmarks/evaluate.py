@@ -169,7 +169,7 @@ def _adapt_words(adapt):
         return ""
     tuned = f", fine-tuned {adapt['steps']} steps at {adapt['lr']:g}" if adapt["steps"] else ""
     queries = ", queries too" if adapt["query_views"] else ""
-    refined = adapt.get("transductive_steps", 0)
+    refined = adapt["transductive_steps"]
     refined = (f", prototypes refined {refined} time{'s' * (refined != 1)} by the queries "
                "(transductive)") if refined else ""
     views = f", {adapt['views']} support views{queries}" if adapt["views"] > 1 else ""

@@ -200,18 +200,23 @@ def prototype_logits(queries, protos, metric="euclidean"):
     return tf.reduce_mean(tf.reshape(out, [b, q, m, -1]), axis=1)
 
 
-def soft_kmeans_prototypes(support, support_y, queries, assignment, n_way, views=1):
+def soft_kmeans_prototypes(support_sums, support_counts, query_means, assignment):
     """One refinement of the prototypes by the unlabelled queries (soft k-means, Ren et al. 2018):
-    class ``k``'s prototype is the weighted mean of its support images (weight 1 each) and of
-    every query (weight ``assignment [B, M, N]``, e.g. the posterior ``p(k | query)``); an image
-    is the mean of its views (``support``: ``views`` views of each support image, as
-    ``embeddings`` gives them; ``queries [B, Q, M, D]``). Transductive: a prototype depends on all
-    the episode's queries."""
-    labelled = tf.one_hot(support_y, n_way, dtype=support.dtype) / views        # [B, V*S, N]
-    sums = (tf.matmul(labelled, support, transpose_a=True)
-            + tf.matmul(assignment, tf.reduce_mean(queries, axis=1), transpose_a=True))
-    counts = tf.reduce_sum(labelled, axis=1) + tf.reduce_sum(assignment, axis=1)  # [B, N]
+    class ``k``'s prototype is the weighted mean of its support images (weight 1 each; their sum
+    ``support_sums [B, N, D]`` and count ``support_counts [B, N]``, ``support_sums`` gives them)
+    and of every query (``query_means [B, M, D]``, each the mean of its views; weight
+    ``assignment [B, M, N]``, e.g. the posterior ``p(k | query)``). Transductive: a prototype
+    depends on all the episode's queries."""
+    sums = support_sums + tf.matmul(assignment, query_means, transpose_a=True)
+    counts = support_counts + tf.reduce_sum(assignment, axis=1)
     return sums / counts[:, :, None]
+
+
+def support_sums(support, support_y, n_way, views=1):
+    """Per class, the sum ``[B, N, D]`` and count ``[B, N]`` of the support images, each the mean
+    of its ``views`` views (``support [B, V*S, D]`` as ``embeddings`` gives it)."""
+    labelled = tf.one_hot(support_y, n_way, dtype=support.dtype) / views        # [B, V*S, N]
+    return tf.matmul(labelled, support, transpose_a=True), tf.reduce_sum(labelled, axis=1)
 
 
 def check_options(steps, lr, views, metric, query_views=False, transductive_steps=0):
@@ -309,14 +314,16 @@ def refined_logits(parts, n_way, steps, views=1):
     k-means refinements (``soft_kmeans_prototypes``) that weight each query by the members'
     current posterior (the softmax of their mean log-probability)."""
     protos = [protonet.prototypes(support, support_y, n_way) for _, support, support_y, _ in parts]
+    # What a refinement does not change, once: the support sums and each query's mean view.
+    fixed = [(*support_sums(support, support_y, n_way, views), tf.reduce_mean(queries, axis=1))
+             for _, support, support_y, queries in parts]
     for step in range(steps + 1):
         out = [prototype_logits(queries, p, metric)
                for (metric, _, _, queries), p in zip(parts, protos)]
         if step == steps:
             return out
         posterior = tf.nn.softmax(_mean_log_probability(out))
-        protos = [soft_kmeans_prototypes(support, support_y, queries, posterior, n_way, views)
-                  for _, support, support_y, queries in parts]
+        protos = [soft_kmeans_prototypes(*f, posterior) for f in fixed]
 
 
 def _mean_log_probability(member_logits):

@@ -226,10 +226,10 @@ def _input_kernel(seed, pixels, d, n_classes, width, dtype):
 
 
 def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder, pixels):
-    """The input side that ``mann`` and ``lstm`` share: ``(init, pre_inputs, n)`` with
+    """The input side that ``mann`` and ``lstm`` share: ``(init, pre_inputs, n, d)`` with
     ``init(seed, dtype) -> [*encoder, w_in]`` (``n`` tensors) and ``pre_inputs(those weights,
     (images, previous_labels)) -> [T, B, width]``, every step's input product (no bias); with
-    ``with_images=True`` also what the controller reads of each image, ``[B, T, D]``.
+    ``with_images=True`` also what the controller reads of each image, ``[B, T, d]``.
     ``freeze_encoder``: no gradient reaches the encoder's weights; ``pixels=False``: the
     controller reads the encoder's features alone."""
     _check_encoder(encoder_channels)
@@ -251,7 +251,7 @@ def _front(image_shape, n_classes, width, encoder_channels, freeze_encoder, pixe
         out = _inputs(weights[-1], images, previous_labels, n_classes)
         return (out, images) if with_images else out
 
-    return init, pre_inputs, n
+    return init, pre_inputs, n, d
 
 
 def _encode(weights, images, pixels=True):
@@ -317,9 +317,8 @@ def mann(n_classes, image_shape, controller=200, memory_slots=128, memory_size=4
         raise ValueError(f"write must be one of {list(WRITES)}, got {write!r}")
     h, r, m = controller, read_heads, memory_size
     a = 2 * m if write == "add" else m                     # key and add vector, or the key alone
-    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
-                                        freeze_encoder, pixels)
-    d = (math.prod(image_shape) if pixels else 0) + _feature_count(image_shape, encoder_channels)
+    front_init, front, n_front, d = _front(image_shape, n_classes, 4 * h, encoder_channels,
+                                           freeze_encoder, pixels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
@@ -371,8 +370,8 @@ def lstm(n_classes, image_shape, units=200, encoder_channels=0, freeze_encoder=F
     ``apply`` as ``mann``'s."""
     _check_sizes(n_classes=n_classes, units=units)
     h = units
-    front_init, front, n_front = _front(image_shape, n_classes, 4 * h, encoder_channels,
-                                        freeze_encoder, pixels)
+    front_init, front, n_front, _ = _front(image_shape, n_classes, 4 * h, encoder_channels,
+                                           freeze_encoder, pixels)
 
     def init(seed, dtype=tf.float32):
         _check(seed)
