@@ -105,7 +105,8 @@ flags.DEFINE_integer("transductive_steps", 0, "ProtoNet: refine the prototypes t
 flags.DEFINE_boolean("ensemble", False, "ProtoNet: with two or more --checkpoint runs, also score "
                      "their ensemble on the same episodes: the class of highest mean "
                      "log-probability over the runs, each scored with this command's --bn, --tta, "
-                     "--tta_queries and --finetune_* options.")
+                     "--tta_queries and --finetune_* options. MANN/LSTM runs of one way: each "
+                     "step's class of highest mean probability, by instance as each run's.")
 flags.DEFINE_string("plot_dir", None, "MAML-RL checkpoints: write returns.csv (the printed "
                     "returns), returns.png (return against policy-gradient steps, every "
                     "checkpoint and the random policy) and, for navigation2d, trajectories.png "
@@ -330,7 +331,9 @@ def main(argv):
             if sequence:
                 _report_instances(result)
                 curves[curve] = result
-    if FLAGS.ensemble:
+    if FLAGS.ensemble and sequence:
+        _score_sequence_ensemble(members, sampler, num_episodes, settings, curves)
+    elif FLAGS.ensemble:
         _score_ensemble(members, sampler, n_way, num_episodes, settings)
     if FLAGS.plot_instances:
         _plot_instances(curves, settings)
@@ -341,18 +344,46 @@ SEQUENCE_EPISODES = 1000
 
 
 def _check_ensemble(stored, sequence):
-    """Usage errors, before any compile, unless --ensemble has two or more ProtoNet runs that take
-    the same images."""
-    if FLAGS.method != "model" or sequence or len(stored) < 2:
-        raise app.UsageError("--ensemble needs --method=model and two or more ProtoNet "
-                             "--checkpoint runs")
+    """Usage errors, before any compile, unless --ensemble has two or more ProtoNet runs, or
+    MANN/LSTM runs of one way, that take the same images."""
+    if FLAGS.method != "model" or len(stored) < 2:
+        raise app.UsageError("--ensemble needs --method=model and two or more ProtoNet (or "
+                             "MANN/LSTM) --checkpoint runs")
     for config in stored:
-        if config["algorithm"] != "protonet":
-            raise app.UsageError(f"--ensemble is for ProtoNet checkpoints; one is "
+        if not sequence and config["algorithm"] != "protonet":
+            raise app.UsageError(f"--ensemble is for ProtoNet or MANN/LSTM checkpoints; one is "
                                  f"{config['algorithm']}")
+        if sequence and config["n_way"] != stored[0]["n_way"]:
+            raise app.UsageError(f"--ensemble: the runs' outputs have {stored[0]['n_way']} and "
+                                 f"{config['n_way']} classes")
         if config.get("image_shape") != stored[0].get("image_shape"):
             raise app.UsageError(f"--ensemble: the runs take images of shapes "
                                  f"{stored[0].get('image_shape')} and {config.get('image_shape')}")
+
+
+def _score_sequence_ensemble(members, sampler, num_episodes, settings, curves):
+    """Each of the MANN/LSTM ``members`` (config, apply, state, checkpoint, step) and their
+    ensemble (mean probability) on the sequences ``sampler`` draws, in one pass, reported with
+    accuracy by instance and added to ``curves`` for --plot_instances."""
+    from functional_meta import training
+    evaluator = training.make_sequence_ensemble_evaluator(
+        [(member[0], member[1]) for member in members], jit_compile=FLAGS.jit)
+    result = training.evaluate(evaluator, [member[2] for member in members], sampler,
+                               num_episodes)
+    common = dict(settings, method="model", bn=None, adapt=None)
+    for i, (config, _, _, found, step) in enumerate(members):
+        prefix = f"member_{i}_"
+        own = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+        _report(f"{config['algorithm']} {found} (step {step})", own,
+                dict(common, algorithm=config["algorithm"], checkpoint=found, step=step))
+        _report_instances(own)
+        curves[f"{config['algorithm']} (step {step}, run {i + 1})"] = own
+    mixed = {k: v for k, v in result.items() if not k.startswith("member_")}
+    algorithms = "/".join(sorted({member[0]["algorithm"] for member in members}))
+    _report(f"ensemble of {len(members)} {algorithms} checkpoints", mixed,
+            dict(common, algorithm=algorithms, checkpoint=[member[3] for member in members]))
+    _report_instances(mixed)
+    curves[f"ensemble of {len(members)}"] = mixed
 
 
 def _score_ensemble(members, sampler, n_way, num_episodes, settings):

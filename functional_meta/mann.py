@@ -458,3 +458,14 @@ def make_eval_step(apply, jit_compile=True):
         return tf.argmax(logits, -1, output_type=labels.dtype), tf.reduce_mean(losses, axis=1)
 
     return eval_step
+
+
+def make_probability_step(apply, jit_compile=True):
+    """``step(weights, batch) -> probabilities [B, T, C]``, each step's softmax, compiled once per
+    batch shape: what an ensemble of sequence models averages."""
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def probability_step(weights, batch):
+        return tf.nn.softmax(apply(list(weights), (batch[0], batch[1])))
+
+    return probability_step

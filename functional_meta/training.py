@@ -495,6 +495,35 @@ def make_ensemble_evaluator(members, n_way, *, jit_compile=None, bn=None, adapt=
     return evaluate_ensemble
 
 
+def make_sequence_ensemble_evaluator(members, *, jit_compile=None):
+    """``evaluator(states, batch)``: the per-sequence values of an ensemble of MANN/LSTM
+    checkpoints (``accuracy``, ``instance_<k>``), each step's class the one of highest mean
+    probability over the members, and each member's own as ``member_<i>_<value>``, from the same
+    pass. ``members`` holds ``(config, apply)`` pairs of one way (their outputs' classes) and
+    ``states`` their states in the same order."""
+    for config, _ in members:
+        if not is_sequence(config):
+            raise ValueError(f"a sequence ensemble is of MANN/LSTM checkpoints; one is "
+                             f"{config['algorithm']}")
+        if config["n_way"] != members[0][0]["n_way"]:
+            raise ValueError(f"the members' outputs have {members[0][0]['n_way']} and "
+                             f"{config['n_way']} classes")
+    steps = [mann.make_probability_step(
+        apply, jit_compile=default_jit(config["algorithm"]) if jit_compile is None
+        else jit_compile) for config, apply in members]
+    n_way = members[0][0]["n_way"]
+
+    def evaluate_sequence_ensemble(states, batch):
+        probabilities = [np.asarray(step(state["weights"], batch), np.float64)
+                         for step, state in zip(steps, states)]
+        values = _sequence_values(np.mean(probabilities, 0).argmax(-1), batch[2], n_way)
+        for i, p in enumerate(probabilities):
+            values.update({f"member_{i}_{key}": value for key, value
+                           in _sequence_values(p.argmax(-1), batch[2], n_way).items()})
+        return values
+    return evaluate_sequence_ensemble
+
+
 def _sequence_evaluator(config, apply, n_way, jit_compile):
     """The MANN/LSTM evaluator: per episode ``accuracy`` over all steps, ``loss``, and
     ``instance_<k>``, the accuracy at the ``k``-th instance of the episode's classes."""

@@ -365,6 +365,39 @@ def synthetic_classes(num=12, per_class=12):
     return data.ClassData(images, names, names)
 
 
+def test_sequence_ensemble_takes_the_members_mean_probability():
+    # Each member's values are its own evaluator's; the ensemble's are those of the argmax of the
+    # members' mean softmax, computed here in numpy.
+    built = [(config, training.make_learner(config, jit_compile=False))
+             for config in (configs.make_config('mann'), configs.make_config('lstm'))]
+    states = [learner.init(seed) for seed, (_, learner) in zip((0, 1), built)]
+    rng = np.random.default_rng(4)
+    labels = np.stack([rng.permutation(np.repeat(np.arange(5), 10)) for _ in range(3)])
+    images = rng.uniform(size=(3, 50, 20, 20, 1)).astype(np.float32)
+    batch = (images, sequences.previous_labels(labels), labels.astype(np.int32))
+    evaluator = training.make_sequence_ensemble_evaluator(
+        [(config, learner.apply) for config, learner in built], jit_compile=False)
+    values = evaluator(states, batch)
+    probabilities = []
+    for i, ((config, learner), state) in enumerate(zip(built, states)):
+        own = training._sequence_evaluator(config, learner.apply, None, False)(state, batch)
+        for key in own.keys() - {'loss'}:
+            np.testing.assert_array_equal(values[f'member_{i}_{key}'], own[key])
+        logits = learner.apply(state['weights'], batch[:2]).numpy().astype(np.float64)
+        probabilities.append(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
+    predictions = np.mean(probabilities, 0).argmax(-1)
+    expected = training._sequence_values(predictions, labels, 5)
+    assert set(expected) == {k for k in values if not k.startswith('member_')}
+    for key, value in expected.items():
+        np.testing.assert_array_equal(values[key], value)
+    assert any((predictions != p.argmax(-1)).any() for p in probabilities)
+    with pytest.raises(ValueError, match='a sequence ensemble is of MANN/LSTM checkpoints'):
+        training.make_sequence_ensemble_evaluator([(configs.make_config('protonet'), None)])
+    with pytest.raises(ValueError, match="the members' outputs have 5 and 3 classes"):
+        training.make_sequence_ensemble_evaluator(
+            [(built[0][0], built[0][1].apply), ({**built[1][0], 'n_way': 3}, built[1][1].apply)])
+
+
 def test_sampler_gives_each_step_the_previous_label_only():
     classes = synthetic_classes()
     sampler = sequences.SequenceSampler(classes, 4, 5, meta_batch=6, seed=3)
@@ -675,6 +708,17 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     assert re.search(r'by instance: 1st 0\.\d{4} ± 0\.\d{4}  2nd ', out), out
     rows = (tmp_path / 'by_instance.csv').read_text().splitlines()
     assert rows[1].startswith('class_mean on the inputs of lstm (step 4),1,') and len(rows) == 5
+    # An ensemble of the resumed run and the uninterrupted one (the same weights) is each of them.
+    with pytest.raises(app.UsageError, match='--ensemble needs'):
+        run_binary(eval_bin, [f'--checkpoint={run}', '--ensemble', '--nojit'])
+    run_binary(eval_bin, [f'--checkpoint={run},{run}_whole', '--num_episodes=30',
+                          '--eval_split=val', '--ensemble', '--json', '--nojit'])
+    out = capsys.readouterr().out
+    assert 'ensemble of 2 lstm checkpoints: accuracy' in out and out.count('by instance:') == 3
+    records = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+    assert len(records) == 3 and records[2]['name'] == 'ensemble of 2 lstm checkpoints'
+    for key in ('accuracy', 'instance_1', 'instance_4'):
+        assert records[0][key] == records[1][key] == records[2][key]
 
 
 @pytest.mark.slow
