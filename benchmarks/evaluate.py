@@ -356,6 +356,9 @@ def _check_ensemble(stored, sequence):
         if sequence and config["n_way"] != stored[0]["n_way"]:
             raise app.UsageError(f"--ensemble: the runs' outputs have {stored[0]['n_way']} and "
                                  f"{config['n_way']} classes")
+        if sequence and FLAGS.n_way not in (None, config["n_way"]):
+            raise app.UsageError(f"--n_way={FLAGS.n_way}, but the runs' outputs have "
+                                 f"{config['n_way']} classes: leave --n_way out")
         if config.get("image_shape") != stored[0].get("image_shape"):
             raise app.UsageError(f"--ensemble: the runs take images of shapes "
                                  f"{stored[0].get('image_shape')} and {config.get('image_shape')}")

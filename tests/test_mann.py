@@ -711,6 +711,8 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     # An ensemble of the resumed run and the uninterrupted one (the same weights) is each of them.
     with pytest.raises(app.UsageError, match='--ensemble needs'):
         run_binary(eval_bin, [f'--checkpoint={run}', '--ensemble', '--nojit'])
+    with pytest.raises(app.UsageError, match="--n_way=5, but the runs' outputs have 3 classes"):
+        run_binary(eval_bin, [f'--checkpoint={run},{run}_whole', '--ensemble', '--n_way=5'])
     run_binary(eval_bin, [f'--checkpoint={run},{run}_whole', '--num_episodes=30',
                           '--eval_split=val', '--ensemble', '--json', '--nojit'])
     out = capsys.readouterr().out
