@@ -26,6 +26,7 @@ Examples:
   fm-eval --checkpoint=/tmp/nav,/tmp/nav_pretrained --num_episodes=100 --plot_dir=/tmp/nav_plots
 """
 
+import csv
 import importlib
 import json
 import os
@@ -380,7 +381,7 @@ def _score_sequence_ensemble(members, sampler, num_episodes, settings, curves):
         _report(f"{config['algorithm']} {found} (step {step})", own,
                 dict(common, algorithm=config["algorithm"], checkpoint=found, step=step))
         _report_instances(own)
-        curves[f"{config['algorithm']} (step {step}, run {i + 1})"] = own
+        curves[f"{config['algorithm']} (step {step}) run {i + 1}"] = own
     mixed = {k: v for k, v in result.items() if not k.startswith("member_")}
     algorithms = "/".join(sorted({member[0]["algorithm"] for member in members}))
     _report(f"ensemble of {len(members)} {algorithms} checkpoints", mixed,
@@ -450,11 +451,12 @@ def _plot_instances(curves, settings):
         {name: ([r[f"instance_{k}"] for k in _instances(r)],
                 [r[f"instance_{k}_ci95"] for k in _instances(r)]) for name, r in curves.items()},
         path, title=title)
-    rows = ["model,instance,accuracy,ci95"]
-    for name, r in curves.items():
-        rows += [f"{name},{k},{r[f'instance_{k}']:.6f},{r[f'instance_{k}_ci95']:.6f}"
-                 for k in _instances(r)]
-    path.with_suffix(".csv").write_text("\n".join(rows) + "\n")
+    with open(path.with_suffix(".csv"), "w", newline="") as f:   # a name may hold a comma
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["model", "instance", "accuracy", "ci95"])
+        for name, r in curves.items():
+            writer.writerows([name, k, f"{r[f'instance_{k}']:.6f}",
+                              f"{r[f'instance_{k}_ci95']:.6f}"] for k in _instances(r))
     print(f"wrote {path} and {path.with_suffix('.csv')}")
 
 

@@ -2,6 +2,7 @@
 the whole sequence against finite differences, the label-offset protocol, and learning on
 Omniglot's held-out alphabets."""
 
+import csv
 import functools
 import json
 import re
@@ -714,13 +715,19 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     with pytest.raises(app.UsageError, match="--n_way=5, but the runs' outputs have 3 classes"):
         run_binary(eval_bin, [f'--checkpoint={run},{run}_whole', '--ensemble', '--n_way=5'])
     run_binary(eval_bin, [f'--checkpoint={run},{run}_whole', '--num_episodes=30',
-                          '--eval_split=val', '--ensemble', '--json', '--nojit'])
+                          '--eval_split=val', '--ensemble', '--json', '--nojit',
+                          f'--plot_instances={plot}'])
     out = capsys.readouterr().out
     assert 'ensemble of 2 lstm checkpoints: accuracy' in out and out.count('by instance:') == 3
     records = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
     assert len(records) == 3 and records[2]['name'] == 'ensemble of 2 lstm checkpoints'
     for key in ('accuracy', 'instance_1', 'instance_4'):
         assert records[0][key] == records[1][key] == records[2][key]
+    with open(tmp_path / 'by_instance.csv', newline='') as f:
+        table = list(csv.reader(f))
+    assert [row[0] for row in table[1::4]] == ['lstm (step 4) run 1', 'lstm (step 4) run 2',
+                                               'ensemble of 2']
+    assert all(len(row) == 4 for row in table) and len(table) == 1 + 3 * 4
 
 
 @pytest.mark.slow
