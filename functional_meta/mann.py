@@ -447,25 +447,16 @@ def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True, optimizer=
 
 
 def make_eval_step(apply, jit_compile=True):
-    """``eval_step(weights, batch) -> (predictions [B, T] int32, loss [B])``, compiled once per
-    batch shape; ``functional_meta.sequences.accuracy_by_instance`` scores the predictions."""
+    """``eval_step(weights, batch) -> (predictions [B, T] int32, loss [B], probabilities
+    [B, T, C])``, compiled once per batch shape; ``functional_meta.sequences.accuracy_by_instance``
+    scores the predictions, and an ensemble of sequence models averages the probabilities."""
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def eval_step(weights, batch):
         images, previous_labels, labels = batch
         logits = apply(list(weights), (images, previous_labels))
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-        return tf.argmax(logits, -1, output_type=labels.dtype), tf.reduce_mean(losses, axis=1)
+        return (tf.argmax(logits, -1, output_type=labels.dtype), tf.reduce_mean(losses, axis=1),
+                tf.nn.softmax(logits))
 
     return eval_step
-
-
-def make_probability_step(apply, jit_compile=True):
-    """``step(weights, batch) -> probabilities [B, T, C]``, each step's softmax, compiled once per
-    batch shape: what an ensemble of sequence models averages."""
-
-    @tf.function(jit_compile=jit_compile, autograph=False)
-    def probability_step(weights, batch):
-        return tf.nn.softmax(apply(list(weights), (batch[0], batch[1])))
-
-    return probability_step

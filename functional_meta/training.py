@@ -508,18 +508,18 @@ def make_sequence_ensemble_evaluator(members, *, jit_compile=None):
         if config["n_way"] != members[0][0]["n_way"]:
             raise ValueError(f"the members' outputs have {members[0][0]['n_way']} and "
                              f"{config['n_way']} classes")
-    steps = [mann.make_probability_step(
+    steps = [mann.make_eval_step(
         apply, jit_compile=default_jit(config["algorithm"]) if jit_compile is None
         else jit_compile) for config, apply in members]
     n_way = members[0][0]["n_way"]
 
     def evaluate_sequence_ensemble(states, batch):
-        probabilities = [np.asarray(step(state["weights"], batch), np.float64)
-                         for step, state in zip(steps, states)]
-        values = _sequence_values(np.mean(probabilities, 0).argmax(-1), batch[2], n_way)
-        for i, p in enumerate(probabilities):
+        outputs = [step(state["weights"], batch) for step, state in zip(steps, states)]
+        mean = np.mean([np.asarray(p, np.float64) for _, _, p in outputs], axis=0)
+        values = _sequence_values(mean.argmax(-1), batch[2], n_way)
+        for i, (predictions, _, _) in enumerate(outputs):
             values.update({f"member_{i}_{key}": value for key, value
-                           in _sequence_values(p.argmax(-1), batch[2], n_way).items()})
+                           in _sequence_values(predictions, batch[2], n_way).items()})
         return values
     return evaluate_sequence_ensemble
 
@@ -533,7 +533,7 @@ def _sequence_evaluator(config, apply, n_way, jit_compile):
     eval_step = mann.make_eval_step(apply, jit_compile=jit_compile)
 
     def evaluate_sequences(state, batch):
-        predictions, losses = eval_step(state["weights"], batch)
+        predictions, losses, _ = eval_step(state["weights"], batch)
         return dict(_sequence_values(predictions, batch[2], config["n_way"]),
                     loss=np.asarray(losses, np.float64))
     return evaluate_sequences
