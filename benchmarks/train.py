@@ -63,6 +63,9 @@ flags.DEFINE_float("outer_lr", None, "Learning rate of the meta-update (Adam's; 
 flags.DEFINE_enum("optimizer", None, ["adam", "rmsprop"], "MANN/LSTM: the optimiser, adam (the "
                   "presets') or rmsprop (Santoro et al. 2016: decay 0.95, momentum 0.9). Other "
                   "algorithms use Adam.")
+flags.DEFINE_float("weight_decay", None, "MANN/LSTM: decoupled weight decay (AdamW's: each "
+                   "step also moves a kernel by -rate * this * its value; not the biases, not a "
+                   "frozen encoder); 0 = none, the presets'.", lower_bound=0.0)
 flags.DEFINE_integer("lr_decay_every", 0, "Multiply the meta-update's Adam rate (--outer_lr) by "
                      "--lr_decay every this many steps, counted by the optimiser inside the "
                      "compiled step (so --resume continues the schedule); 0 = constant rate. The "
@@ -201,6 +204,13 @@ def _check_optimizer(values):
             or values["algorithm"] in (None, *configs.SEQUENCE_ALGORITHMS))
 
 
+@flags.multi_flags_validator(["weight_decay", "algorithm"],
+                             "--weight_decay applies to --algorithm=mann or lstm only")
+def _check_weight_decay(values):
+    return (values["weight_decay"] is None
+            or values["algorithm"] in (None, *configs.SEQUENCE_ALGORITHMS))
+
+
 @flags.multi_flags_validator(["encoder_from", "freeze_encoder", "pixels", "algorithm", "backbone"],
                              "--encoder_from, --freeze_encoder and --nopixels need "
                              "--algorithm=mann or lstm and --backbone=conv4")
@@ -228,7 +238,7 @@ def config_from_flags():
                      meta_batch=FLAGS.meta_batch, inner_steps=FLAGS.inner_steps,
                      test_inner_steps=FLAGS.test_inner_steps, test_n_way=FLAGS.test_n_way,
                      inner_lr=FLAGS.inner_lr, outer_lr=FLAGS.outer_lr, channels=FLAGS.channels,
-                     optimizer=FLAGS.optimizer,
+                     optimizer=FLAGS.optimizer, weight_decay=FLAGS.weight_decay,
                      pool=FLAGS.pool, hidden=hidden, batch_size=FLAGS.batch_size,
                      beta=FLAGS.beta, meta_test=FLAGS.meta_test)
     try:

@@ -42,7 +42,8 @@ AUGMENT_FIELDS = ("augment_shift", "augment_rotate", "augment_scale")
 # The same for fields of the MANN/LSTM presets only: their first runs wrote keys, used Adam and
 # read the pixels.
 SEQUENCE_LATER_DEFAULTS = {"write": "key", "optimizer": "adam", "encoder_channels": 0,
-                           "freeze_encoder": False, "pixels": True, "head_inputs": False}
+                           "freeze_encoder": False, "pixels": True, "head_inputs": False,
+                           "weight_decay": 0.0}
 # The optimisers of the MANN/LSTM (``optim.OPTIMIZERS``) and what a MANN head writes
 # (``mann.WRITES``); RMSProp's rate when none is given is the MANN paper's.
 SEQUENCE_OPTIMIZERS = ("adam", "rmsprop")
@@ -359,6 +360,9 @@ def check_config(config):
             raise ValueError(f"head_inputs must be true or false, and true only for the MANN "
                              f"(the LSTM has no memory heads), got {config.get('head_inputs')!r}")
         _check_positive_float(config, "clip_norm")
+        decay = config.get("weight_decay", 0.0)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0 (0 = none), got {decay!r}")
         for name, allowed in (("optimizer", SEQUENCE_OPTIMIZERS), ("write", SEQUENCE_WRITES)):
             if config.get(name, allowed[-1]) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {config[name]!r}")

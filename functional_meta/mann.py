@@ -421,13 +421,23 @@ def init_state(weights, optimizer="adam"):
     return {"weights": weights, "opt": _optimizer(optimizer)[0](weights)}
 
 
-def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True, optimizer="adam"):
+def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True, optimizer="adam",
+                    weight_decay=0.0, frozen=0):
     """``step(state, batch) -> (state, {'loss', 'accuracy'})``: loss over the whole sequence, its
     gradient through the ``tf.scan`` (backpropagation through time), clipping to global norm
     ``clip_norm`` (``None``: none) and an ``optimizer`` update (``'adam'`` or ``'rmsprop'``,
     ``functional_meta.optim``), in one ``tf.function(jit_compile=...)``. ``lr`` is a number or
-    an ``optim`` schedule."""
+    an ``optim`` schedule. ``weight_decay``: decoupled decay (``optim.decoupled_weight_decay``)
+    of every kernel (rank >= 2, not the biases) but the first ``frozen`` weights (a frozen
+    encoder's)."""
     update = _optimizer(optimizer)[1]
+    if weight_decay:
+        plain = update
+
+        def update(grads, weights, opt, rate):
+            decayed = [i >= frozen and w.shape.rank >= 2 for i, w in enumerate(weights)]
+            return optim.decoupled_weight_decay(plain, weight_decay, decayed)(
+                grads, weights, opt, rate)
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def step(state, batch):

@@ -80,6 +80,26 @@ def rmsprop_update(grads, weights, state, lr, decay=0.95, momentum=0.9, epsilon=
 OPTIMIZERS = {"adam": (adam_init, adam_update), "rmsprop": (rmsprop_init, rmsprop_update)}
 
 
+def decoupled_weight_decay(update, weight_decay, decayed):
+    """``update`` (an ``OPTIMIZERS`` update) followed by decoupled weight decay (Loshchilov &
+    Hutter 2019, AdamW): each weight ``w`` with ``decayed[i]`` true also moves by
+    ``-lr * weight_decay * w`` of its value before the step, ``lr`` the step's rate (a schedule
+    is called with the new step count, as the update calls it). Unlike an L2 term in the loss,
+    the decay is not rescaled by Adam's or RMSProp's per-weight normalisation."""
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+            or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+
+    def decayed_update(grads, weights, state, lr):
+        new_weights, new_state = update(grads, weights, state, lr)
+        rate = tf.cast(lr(new_state[0]), weights[0].dtype) if callable(lr) \
+            else tf.convert_to_tensor(lr, weights[0].dtype)
+        return [n - rate * weight_decay * w if d else n
+                for n, w, d in zip(new_weights, weights, decayed)], new_state
+
+    return decayed_update
+
+
 def conjugate_gradient(matvec, b, iterations=10, residual_tol=1e-10):
     """Approximately solves ``A x = b`` for a symmetric positive-definite ``A`` given only
     ``matvec(v) = A v`` (vectors), by at most ``iterations`` conjugate-gradient steps from

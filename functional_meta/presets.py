@@ -51,17 +51,20 @@ PRESETS = {
     # heads; sequences of 5 classes x 10 instances (50 steps) of 20x20 images, one-hot labels,
     # meta-batch 16. n_way = classes, k_shot = instances per class; no query set. Adam (optimizer
     # 'rmsprop': the paper's) with gradients clipped to norm clip_norm; gamma is the usage decay;
-    # write: what a head writes, 'add' (a vector of its own) or 'key' (the paper's equation 7).
+    # write: what a head writes, 'add' (a vector of its own) or 'key' (the paper's equation 7);
+    # weight_decay: the optimiser's decoupled decay of the kernels (none in the paper).
     "mann_omniglot_5way": dict(
         family="mann", net="mann", image_shape=(20, 20, 1), n_way=5, k_shot=10, q_query=0,
         meta_batch=16, controller=200, memory_slots=128, memory_size=40, read_heads=4,
         gamma=0.95, write="add", optimizer="adam", clip_norm=10.0, outer_lr=1e-3,
+        weight_decay=0.0,
         loss="cross_entropy", data="omniglot"),
     # The paper's second setting: 15 classes x 10 instances (150 steps), one-hot labels here.
     "mann_omniglot_15way": dict(
         family="mann", net="mann", image_shape=(20, 20, 1), n_way=15, k_shot=10, q_query=0,
         meta_batch=16, controller=200, memory_slots=128, memory_size=40, read_heads=4,
         gamma=0.95, write="add", optimizer="adam", clip_norm=10.0, outer_lr=1e-3,
+        weight_decay=0.0,
         loss="cross_entropy", data="omniglot"),
     # Domain generalisation (MLDG, ERM) on Rotated MNIST as DomainBed (Gulrajani & Lopez-Paz 2021)
     # trains it: a classifier of the n_way = 10 digits, batch_size = 64 images per training domain

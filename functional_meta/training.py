@@ -236,7 +236,9 @@ def make_learner(config, jit_compile=None, strategy=None, task_chunk=None):
         raise ValueError(f"{config['algorithm']} runs on one device only (no --strategy)")
     if is_sequence(config):
         optimizer = config.get("optimizer", "adam")
-        step = mann.make_train_step(apply, outer_lr, config["clip_norm"], jit_compile, optimizer)
+        frozen = 2 * mann.ENCODER_BLOCKS if config.get("freeze_encoder") else 0
+        step = mann.make_train_step(apply, outer_lr, config["clip_norm"], jit_compile, optimizer,
+                                    config.get("weight_decay", 0.0), frozen)
         return Learner(config, lambda seed: mann.init_state(init(seed), optimizer), step, apply)
     if is_supervised(config):
         if strategy is not None:

@@ -655,6 +655,55 @@ def test_rmsprop_step_is_the_optimiser_update_of_the_clipped_gradient():
         mann.make_train_step(apply, optimizer='sgd')
 
 
+def test_weight_decay_shrinks_the_kernels_only_and_never_a_frozen_encoder(tmp_path):
+    """``weight_decay`` (decoupled, ``optim.decoupled_weight_decay``): the compiled step equals the
+    plain step minus ``rate * decay * w`` on every kernel outside the frozen encoder, in float64;
+    biases and the frozen encoder are exactly the plain step's. The config field reads as 0 for
+    older runs, is checked, and fm-train's flag is refused for other algorithms."""
+    init, apply = SMALL_MODELS['mann'](**ENCODED, freeze_encoder=True, pixels=False,
+                                       head_inputs=True)
+    shift = np.random.default_rng(7)
+    weights = [w + shift.normal(scale=0.1, size=w.shape) for w in init(1, dtype=tf.float64)]
+    batch = encoded_sequence()
+    step = functools.partial(mann.make_train_step, apply, optim.step_decay(0.1, 1, 0.5), 10.0,
+                             jit_compile=False)
+    plain = step()(mann.init_state(weights), batch)[0]['weights']
+    decayed = step(weight_decay=0.3, frozen=2 * mann.ENCODER_BLOCKS)(
+        mann.init_state(weights), batch)[0]['weights']
+    n, kernels = 2 * mann.ENCODER_BLOCKS, 0
+    for i, (w, d, p) in enumerate(zip(weights, decayed, plain)):
+        kernel = i >= n and w.ndim >= 2            # w_in, w_rec, w_head, w_out, w_direct
+        kernels += kernel
+        np.testing.assert_allclose(d, p - 0.1 * 0.3 * w if kernel else p, rtol=1e-12,
+                                   atol=1e-15)
+        if i < n:
+            np.testing.assert_array_equal(d, w)
+    assert kernels == 5
+    config = configs.make_config('mann', weight_decay=0.01)
+    assert config['weight_decay'] == 0.01 and configs.make_config('lstm')['weight_decay'] == 0.0
+    small = dict(image_shape=(4, 4, 1), n_way=3, k_shot=2, meta_batch=2, controller=4,
+                 memory_slots=5, memory_size=3, read_heads=2, outer_lr=0.1)
+    sampler = training.make_sampler(synthetic_classes(), n_way=3, k_shot=2, q_query=0,
+                                    meta_batch=2, seed=0, sequences=True)
+    after = {}
+    for decay in (0.0, 0.5):
+        learner = training.make_learner({**config, **small, 'weight_decay': decay},
+                                        jit_compile=False)
+        after[decay] = learner.step(learner.init(0), sampler.batch(0))[0]['weights']
+    start = learner.init(0)['weights']
+    for w, p, d in zip(start, after[0.0], after[0.5]):   # fm-train's config reaches the step
+        np.testing.assert_allclose(d, p - 0.1 * 0.5 * w if w.ndim >= 2 else p, rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match='weight_decay must be a number >= 0'):
+        configs.check_config({**config, 'weight_decay': -1.0})
+    stored = {k: v for k, v in configs.make_config('mann').items() if k != 'weight_decay'}
+    (tmp_path / configs.CONFIG_FILE).write_text(json.dumps(stored))
+    assert configs.read_config(tmp_path / configs.CONFIG_FILE)['weight_decay'] == 0.0
+    with pytest.raises(flags.IllegalFlagValueError, match='--weight_decay applies to'):
+        with flagsaver.flagsaver(algorithm='protonet', weight_decay=0.01):
+            pass
+
+
 # ---------------------------------------------------------------------------------------------
 # The binaries
 
@@ -728,6 +777,10 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     assert [row[0] for row in table[1::4]] == ['lstm (step 4) run 1', 'lstm (step 4) run 2',
                                                'ensemble of 2']
     assert all(len(row) == 4 for row in table) and len(table) == 1 + 3 * 4
+    decayed = str(tmp_path / 'decayed')
+    run_binary(train_bin, [a.replace(run, decayed) for a in common]
+               + ['--steps=2', '--weight_decay=0.05'])
+    assert configs.load_config(decayed)[0]['weight_decay'] == 0.05
 
 
 @pytest.mark.slow

@@ -116,3 +116,54 @@ def test_rmsprop_first_step_is_lr_over_root_one_minus_decay():
                                     optim.rmsprop_init([tf.zeros([2], tf.float64)]), 1e-4)
     np.testing.assert_allclose(w[0].numpy(), [-1e-4 / np.sqrt(0.05), 1e-4 / np.sqrt(0.05)],
                                rtol=1e-7)
+
+
+def _numpy_adamw(grads, w, rates, weight_decay, beta1=0.9, beta2=0.999, eps=1e-8):
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2, the decay scaled by the rate) in float64,
+    with epsilon added to the uncorrected root as ``optim.adam_update`` (Kingma & Ba's
+    efficient form), so that float64 agrees to rounding."""
+    m = v = np.zeros_like(w)
+    out = []
+    for t, (g, lr) in enumerate(zip(grads, rates), start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        step = np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) * m / (np.sqrt(v) + eps)
+        w = w - lr * (step + weight_decay * w)
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_decoupled_weight_decay_is_adamw_and_skips_the_weights_not_decayed(jit):
+    rng = np.random.default_rng(2)
+    w0 = [rng.normal(size=(3, 2)), rng.normal(size=(2,))]
+    grads = [[rng.normal(size=w.shape) for w in w0] for _ in range(5)]
+    rates = [0.1, 0.1, 0.05, 0.05, 0.025]
+    update = optim.decoupled_weight_decay(optim.adam_update, 0.3, [True, False])
+
+    @tf.function(jit_compile=jit, autograph=False)
+    def step(g, weights, state):
+        return update(g, weights, state, optim.step_decay(0.1, 2, 0.5))
+
+    weights = [tf.constant(w, tf.float64) for w in w0]
+    state = optim.adam_init(weights)
+    decayed = _numpy_adamw([g[0] for g in grads], w0[0], rates, 0.3)
+    plain = _numpy_adamw([g[1] for g in grads], w0[1], rates, 0.0)
+    for t, g in enumerate(grads):
+        weights, state = step([tf.constant(x, tf.float64) for x in g], weights, state)
+        np.testing.assert_allclose(weights[0].numpy(), decayed[t], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(weights[1].numpy(), plain[t], rtol=1e-12, atol=1e-14)
+    # The decay matters here: Adam alone ends elsewhere.
+    assert not np.allclose(decayed[-1], _numpy_adamw([g[0] for g in grads], w0[0], rates, 0.0),
+                           atol=1e-3)
+
+
+def test_decoupled_weight_decay_shrinks_by_one_minus_rate_times_decay_without_gradient():
+    w = [tf.constant([2.0, -4.0], tf.float64)]
+    state = optim.rmsprop_init(w)
+    update = optim.decoupled_weight_decay(optim.rmsprop_update, 0.5, [True])
+    new, _ = update([tf.zeros([2], tf.float64)], w, state, 0.1)
+    np.testing.assert_allclose(new[0].numpy(), [2.0 * 0.95, -4.0 * 0.95], rtol=1e-12)
+    for bad in (-0.1, True, '0.1', float('nan')):
+        with pytest.raises(ValueError, match='weight_decay must be a number >= 0'):
+            optim.decoupled_weight_decay(optim.adam_update, bad, [True])
