@@ -90,7 +90,10 @@ flags.DEFINE_float("finetune_lr", 0.01, "ProtoNet: rate of the --finetune_steps 
 flags.DEFINE_integer("tta", 1, "ProtoNet: test-time augmentation, prototypes averaged over the "
                      "support set's first N fixed views: identity, shifts by one pixel down, "
                      "up, right, left, rotations by +10 and -10 degrees, scalings by 0.9 and "
-                     "1.1 (1 = the images alone, plain ProtoNet).", lower_bound=1, upper_bound=9)
+                     "1.1 (1 = the images alone, plain ProtoNet). MANN/LSTM: each sequence "
+                     "is run again with every image under each view and each step's class "
+                     "probabilities averaged over the runs (inductive: one sequence at a time).",
+                     lower_bound=1, upper_bound=9)
 flags.DEFINE_boolean("tta_queries", False, "ProtoNet: also embed each query under the same --tta "
                      "views and average its scores over them (euclidean: the same ranking as "
                      "the mean of its view embeddings). Needs --tta>1; inductive with "
@@ -166,9 +169,11 @@ def _evaluator(config, learner, steps, n_way, context):
         raise app.UsageError(f"{context}: {error}") from None
 
 
-def _adapt_words(adapt):
+def _adapt_words(adapt, sequences=False):
     if not adapt:
         return ""
+    if sequences:
+        return f", probabilities averaged over {adapt['views']} views of every image"
     tuned = f", fine-tuned {adapt['steps']} steps at {adapt['lr']:g}" if adapt["steps"] else ""
     queries = ", queries too" if adapt["query_views"] else ""
     refined = adapt["transductive_steps"]
@@ -197,7 +202,7 @@ def _report(name, result, settings):
           f"{settings['num_episodes']} episodes, {where}, {source}"
           + (f", {steps} inner step{'s' * (steps != 1)}" if steps else "")
           + (f", {settings['bn']} batch norm" if settings.get("bn") else "")
-          + _adapt_words(settings.get("adapt"))
+          + _adapt_words(settings.get("adapt"), settings.get("sequences"))
           + (f", test domain {settings['test_domain']}"
              if settings.get("test_domain", "clean") != "clean" else "") + ")")
     if FLAGS.json:
@@ -370,11 +375,15 @@ def _score_sequence_ensemble(members, sampler, num_episodes, settings, curves):
     ensemble (mean probability) on the sequences ``sampler`` draws, in one pass, reported with
     accuracy by instance and added to ``curves`` for --plot_instances."""
     from functional_meta import training
+    try:
+        views = training.sequence_views(_adapt())
+    except ValueError as error:
+        raise app.UsageError(f"bad flags: {error}") from None
     evaluator = training.make_sequence_ensemble_evaluator(
-        [(member[0], member[1]) for member in members], jit_compile=FLAGS.jit)
+        [(member[0], member[1]) for member in members], jit_compile=FLAGS.jit, views=views)
     result = training.evaluate(evaluator, [member[2] for member in members], sampler,
                                num_episodes)
-    common = dict(settings, method="model", bn=None, adapt=None)
+    common = dict(settings, method="model", bn=None, adapt=_adapt())
     for i, (config, _, _, found, step) in enumerate(members):
         prefix = f"member_{i}_"
         own = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}

@@ -428,7 +428,7 @@ def make_evaluator(config, apply, *, inner_steps=None, n_way=None, jit_compile=N
     if is_sequence(config):
         if bn != "transductive":
             raise ValueError(f"bn={bn!r}: the {config['algorithm']} network has no batch norm")
-        return _sequence_evaluator(config, apply, n_way, jit_compile)
+        return _sequence_evaluator(config, apply, n_way, jit_compile, sequence_views(adapt))
     n_way = n_way or (config.get("test_n_way") or config["n_way"])
     if adapt and config["algorithm"] != "protonet":
         raise ValueError(f"test-time fine-tuning, augmentation and refinement (--finetune_steps, "
@@ -497,12 +497,49 @@ def make_ensemble_evaluator(members, n_way, *, jit_compile=None, bn=None, adapt=
     return evaluate_ensemble
 
 
-def make_sequence_ensemble_evaluator(members, *, jit_compile=None):
+def sequence_views(adapt):
+    """The test-time views (``adaptation.VIEWS``) a MANN/LSTM is scored under, from fm-eval's
+    ``adapt`` options (None: 1, the images alone); ``ValueError`` for the options that need a
+    support set (fine-tuning, views of the queries, refinement by the queries)."""
+    if not adapt:
+        return 1
+    others = [name for name, key in (("--finetune_steps", "steps"),
+                                     ("--tta_queries", "query_views"),
+                                     ("--transductive_steps", "transductive_steps"))
+              if adapt.get(key)]
+    if others:
+        raise ValueError(f"{', '.join(others)} need a support set; a MANN/LSTM sequence has "
+                         "none (--tta applies: every image of a sequence under each view)")
+    from functional_meta import adaptation
+    adaptation.check_views(adapt.get("views", 1))
+    return adapt.get("views", 1)
+
+
+def _view_probabilities(eval_step, weights, batch, views):
+    """Each step's class probabilities ``[B, T, C]`` (float64), averaged over the sequences run
+    again with every image under each of the first ``views`` of ``adaptation.VIEWS`` (the
+    same view throughout a sequence, so the model sees a consistent sequence)."""
+    if views == 1:
+        return np.asarray(eval_step(weights, batch)[2], np.float64)
+    from functional_meta import adaptation
+    images = np.asarray(batch[0])
+    b, t, h, w, c = images.shape
+    flat = images.reshape(b, t, h * w, c)
+    total = 0.0
+    for matrix in adaptation.view_matrices(views, h, w):
+        view = np.einsum("ij,btjc->btic", matrix, flat).reshape(images.shape)
+        total = total + np.asarray(eval_step(weights, (view.astype(images.dtype), *batch[1:]))[2],
+                                   np.float64)
+    return total / views
+
+
+def make_sequence_ensemble_evaluator(members, *, jit_compile=None, views=1):
     """``evaluator(states, batch)``: the per-sequence values of an ensemble of MANN/LSTM
     checkpoints (``accuracy``, ``instance_<k>``), each step's class the one of highest mean
-    probability over the members, and each member's own as ``member_<i>_<value>``, from the same
-    pass. ``members`` holds ``(config, apply)`` pairs of one way (their outputs' classes) and
-    ``states`` their states in the same order."""
+    probability over the members (and over ``views``, as ``_view_probabilities``), and each
+    member's own as ``member_<i>_<value>``, from the same pass. ``members`` holds ``(config,
+    apply)`` pairs of one way (their outputs' classes) and ``states`` their states in the same
+    order."""
     for config, _ in members:
         if not is_sequence(config):
             raise ValueError(f"a sequence ensemble is of MANN/LSTM checkpoints; one is "
@@ -516,28 +553,36 @@ def make_sequence_ensemble_evaluator(members, *, jit_compile=None):
     n_way = members[0][0]["n_way"]
 
     def evaluate_sequence_ensemble(states, batch):
-        outputs = [step(state["weights"], batch) for step, state in zip(steps, states)]
-        mean = np.mean([np.asarray(p, np.float64) for _, _, p in outputs], axis=0)
-        values = _sequence_values(mean.argmax(-1), batch[2], n_way)
-        for i, (predictions, _, _) in enumerate(outputs):
+        outputs = [_view_probabilities(step, state["weights"], batch, views)
+                   for step, state in zip(steps, states)]
+        values = _sequence_values(np.mean(outputs, axis=0).argmax(-1), batch[2], n_way)
+        for i, probabilities in enumerate(outputs):
             values.update({f"member_{i}_{key}": value for key, value
-                           in _sequence_values(predictions, batch[2], n_way).items()})
+                           in _sequence_values(probabilities.argmax(-1), batch[2], n_way).items()})
         return values
     return evaluate_sequence_ensemble
 
 
-def _sequence_evaluator(config, apply, n_way, jit_compile):
+def _sequence_evaluator(config, apply, n_way, jit_compile, views=1):
     """The MANN/LSTM evaluator: per episode ``accuracy`` over all steps, ``loss``, and
-    ``instance_<k>``, the accuracy at the ``k``-th instance of the episode's classes."""
+    ``instance_<k>``, the accuracy at the ``k``-th instance of the episode's classes. With
+    ``views`` > 1 each step's class is the one of highest probability averaged over the views
+    (``_view_probabilities``), and the loss that mean's cross-entropy."""
     if n_way not in (None, config["n_way"]):
         raise ValueError(f"n_way={n_way}, but this {config['algorithm']} network's output has "
                          f"{config['n_way']} classes: evaluate it with {config['n_way']} classes")
     eval_step = mann.make_eval_step(apply, jit_compile=jit_compile)
 
     def evaluate_sequences(state, batch):
-        predictions, losses, _ = eval_step(state["weights"], batch)
-        return dict(_sequence_values(predictions, batch[2], config["n_way"]),
-                    loss=np.asarray(losses, np.float64))
+        if views == 1:
+            predictions, losses, _ = eval_step(state["weights"], batch)
+            losses = np.asarray(losses, np.float64)
+        else:
+            probabilities = _view_probabilities(eval_step, state["weights"], batch, views)
+            predictions = probabilities.argmax(-1)
+            true = np.take_along_axis(probabilities, np.asarray(batch[2])[..., None], -1)[..., 0]
+            losses = -np.log(true).mean(axis=1)
+        return dict(_sequence_values(predictions, batch[2], config["n_way"]), loss=losses)
     return evaluate_sequences
 
 

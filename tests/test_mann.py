@@ -399,6 +399,51 @@ def test_sequence_ensemble_takes_the_members_mean_probability():
             [(built[0][0], built[0][1].apply), ({**built[1][0], 'n_way': 3}, built[1][1].apply)])
 
 
+def test_sequence_views_average_the_probabilities_of_each_view_of_the_whole_sequence():
+    # --tta=4 on a MANN: each step's class is the argmax of the softmax averaged over the
+    # sequence run four times, every image under view 0-3 (computed here image by image
+    # with adaptation's transforms, not the pixel matrices the evaluator uses); the loss is that
+    # mean's cross-entropy. An ensemble with views averages over members and views.
+    from functional_meta import adaptation
+    config = configs.make_config('mann')
+    learner = training.make_learner(config, jit_compile=False)
+    state = learner.init(0)
+    rng = np.random.default_rng(5)
+    labels = np.stack([rng.permutation(np.repeat(np.arange(5), 10)) for _ in range(3)])
+    images = (rng.uniform(size=(3, 50, 20, 20, 1)) < 0.2).astype(np.float32)
+    batch = (images, sequences.previous_labels(labels), labels.astype(np.int32))
+    probabilities = []
+    for name in adaptation.VIEWS[:4]:
+        view = adaptation._transform(name, images.reshape(150, 20, 20, 1)).reshape(images.shape)
+        logits = learner.apply(state['weights'], (view.astype(np.float32), batch[1])).numpy()
+        logits = logits.astype(np.float64)
+        probabilities.append(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
+    mean = np.mean(probabilities, 0)
+    values = training.make_evaluator(config, learner.apply, jit_compile=False,
+                                     adapt={'views': 4})(state, batch)
+    expected = training._sequence_values(mean.argmax(-1), labels, 5)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(values[key], value)
+    true = np.take_along_axis(mean, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(values['loss'], -np.log(true).mean(1), rtol=1e-5)
+    assert (mean.argmax(-1) != probabilities[0].argmax(-1)).any()     # the views matter here
+    plain = training.make_evaluator(config, learner.apply, jit_compile=False)(state, batch)
+    assert any((plain[k] != values[k]).any() for k in expected)
+    ensemble = training.make_sequence_ensemble_evaluator([(config, learner.apply)] * 2,
+                                                         jit_compile=False, views=4)
+    both = ensemble([state, state], batch)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(both[key], value)
+        np.testing.assert_array_equal(both[f'member_1_{key}'], value)
+    for adapt, match in (({'views': 3, 'query_views': True}, '--tta_queries need a support set'),
+                         ({'views': 1, 'steps': 2}, '--finetune_steps need a support set'),
+                         ({'views': 1, 'transductive_steps': 3},
+                          '--transductive_steps need a support set'),
+                         ({'views': 10}, r'views \(--tta\) must be an integer in 1..9')):
+        with pytest.raises(ValueError, match=match):
+            training.make_evaluator(config, learner.apply, jit_compile=False, adapt=adapt)
+
+
 def test_sampler_gives_each_step_the_previous_label_only():
     classes = synthetic_classes()
     sampler = sequences.SequenceSampler(classes, 4, 5, meta_batch=6, seed=3)
@@ -777,6 +822,14 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     assert [row[0] for row in table[1::4]] == ['lstm (step 4) run 1', 'lstm (step 4) run 2',
                                                'ensemble of 2']
     assert all(len(row) == 4 for row in table) and len(table) == 1 + 3 * 4
+    # Test-time views: said in the line; the options that need a support set are refused.
+    run_binary(eval_bin, [f'--checkpoint={run}', '--num_episodes=30', '--eval_split=val',
+                          '--tta=4', '--nojit'])
+    assert 'probabilities averaged over 4 views of every image' in capsys.readouterr().out
+    for flag in ('--tta_queries', '--finetune_steps=2', '--transductive_steps=2'):
+        with pytest.raises(app.UsageError, match='need a support set; a MANN/LSTM sequence'):
+            run_binary(eval_bin, [f'--checkpoint={run}', '--num_episodes=4', '--tta=2', flag,
+                                  '--nojit'])
     decayed = str(tmp_path / 'decayed')
     run_binary(train_bin, [a.replace(run, decayed) for a in common]
                + ['--steps=2', '--weight_decay=0.05'])
