@@ -581,7 +581,7 @@ def _sequence_evaluator(config, apply, n_way, jit_compile, views=1):
             probabilities = _view_probabilities(eval_step, state["weights"], batch, views)
             predictions = probabilities.argmax(-1)
             true = np.take_along_axis(probabilities, np.asarray(batch[2])[..., None], -1)[..., 0]
-            losses = -np.log(true).mean(axis=1)
+            losses = -np.log(np.maximum(true, np.finfo(np.float32).tiny)).mean(axis=1)
         return dict(_sequence_values(predictions, batch[2], config["n_way"]), loss=losses)
     return evaluate_sequences
 
