@@ -405,7 +405,8 @@ def test_sequence_views_average_the_probabilities_of_each_view_of_the_whole_sequ
     # with adaptation's transforms, not the pixel matrices the evaluator uses); the loss is that
     # mean's cross-entropy. An ensemble with views averages over members and views.
     from functional_meta import adaptation
-    config = configs.make_config('mann')
+    config = configs.make_config('mann', controller=16, memory_slots=16, memory_size=8,
+                                 read_heads=2)
     learner = training.make_learner(config, jit_compile=False)
     state = learner.init(0)
     rng = np.random.default_rng(5)
