@@ -432,12 +432,8 @@ def make_train_step(apply, lr=1e-3, clip_norm=None, jit_compile=True, optimizer=
     encoder's)."""
     update = _optimizer(optimizer)[1]
     if weight_decay:
-        plain = update
-
-        def update(grads, weights, opt, rate):
-            decayed = [i >= frozen and w.shape.rank >= 2 for i, w in enumerate(weights)]
-            return optim.decoupled_weight_decay(plain, weight_decay, decayed)(
-                grads, weights, opt, rate)
+        update = optim.decoupled_weight_decay(
+            update, weight_decay, lambda i, w: i >= frozen and w.shape.rank >= 2)
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def step(state, batch):

@@ -80,9 +80,9 @@ def rmsprop_update(grads, weights, state, lr, decay=0.95, momentum=0.9, epsilon=
 OPTIMIZERS = {"adam": (adam_init, adam_update), "rmsprop": (rmsprop_init, rmsprop_update)}
 
 
-def decoupled_weight_decay(update, weight_decay, decayed):
+def decoupled_weight_decay(update, weight_decay, decays):
     """``update`` (an ``OPTIMIZERS`` update) followed by decoupled weight decay (Loshchilov &
-    Hutter 2019, AdamW): each weight ``w`` with ``decayed[i]`` true also moves by
+    Hutter 2019, AdamW): each weight ``w`` (the ``i``-th) with ``decays(i, w)`` true also moves by
     ``-lr * weight_decay * w`` of its value before the step, ``lr`` the step's rate (a schedule
     is called with the new step count, as the update calls it). Unlike an L2 term in the loss,
     the decay is not rescaled by Adam's or RMSProp's per-weight normalisation."""
@@ -94,8 +94,8 @@ def decoupled_weight_decay(update, weight_decay, decayed):
         new_weights, new_state = update(grads, weights, state, lr)
         rate = tf.cast(lr(new_state[0]), weights[0].dtype) if callable(lr) \
             else tf.convert_to_tensor(lr, weights[0].dtype)
-        return [n - rate * weight_decay * w if d else n
-                for n, w, d in zip(new_weights, weights, decayed)], new_state
+        return [n - rate * weight_decay * w if decays(i, w) else n
+                for i, (n, w) in enumerate(zip(new_weights, weights))], new_state
 
     return decayed_update
 

@@ -522,15 +522,12 @@ def _view_probabilities(eval_step, weights, batch, views):
     if views == 1:
         return np.asarray(eval_step(weights, batch)[2], np.float64)
     from functional_meta import adaptation
-    images = np.asarray(batch[0])
+    images = tf.convert_to_tensor(batch[0])
     b, t, h, w, c = images.shape
-    flat = images.reshape(b, t, h * w, c)
-    total = 0.0
-    for matrix in adaptation.view_matrices(views, h, w):
-        view = np.einsum("ij,btjc->btic", matrix, flat).reshape(images.shape)
-        total = total + np.asarray(eval_step(weights, (view.astype(images.dtype), *batch[1:]))[2],
-                                   np.float64)
-    return total / views
+    viewed = tf.reshape(adaptation.augment(images, adaptation.view_matrices(views, h, w)),
+                        [b, views, t, h, w, c])                      # view after view
+    return sum(np.asarray(eval_step(weights, (viewed[:, v], *batch[1:]))[2], np.float64)
+               for v in range(views)) / views
 
 
 def make_sequence_ensemble_evaluator(members, *, jit_compile=None, views=1):

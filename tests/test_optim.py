@@ -139,7 +139,7 @@ def test_decoupled_weight_decay_is_adamw_and_skips_the_weights_not_decayed(jit):
     w0 = [rng.normal(size=(3, 2)), rng.normal(size=(2,))]
     grads = [[rng.normal(size=w.shape) for w in w0] for _ in range(5)]
     rates = [0.1, 0.1, 0.05, 0.05, 0.025]
-    update = optim.decoupled_weight_decay(optim.adam_update, 0.3, [True, False])
+    update = optim.decoupled_weight_decay(optim.adam_update, 0.3, lambda i, w: i == 0)
 
     @tf.function(jit_compile=jit, autograph=False)
     def step(g, weights, state):
@@ -161,9 +161,9 @@ def test_decoupled_weight_decay_is_adamw_and_skips_the_weights_not_decayed(jit):
 def test_decoupled_weight_decay_shrinks_by_one_minus_rate_times_decay_without_gradient():
     w = [tf.constant([2.0, -4.0], tf.float64)]
     state = optim.rmsprop_init(w)
-    update = optim.decoupled_weight_decay(optim.rmsprop_update, 0.5, [True])
+    update = optim.decoupled_weight_decay(optim.rmsprop_update, 0.5, lambda i, w: True)
     new, _ = update([tf.zeros([2], tf.float64)], w, state, 0.1)
     np.testing.assert_allclose(new[0].numpy(), [2.0 * 0.95, -4.0 * 0.95], rtol=1e-12)
     for bad in (-0.1, True, '0.1', float('nan')):
         with pytest.raises(ValueError, match='weight_decay must be a number >= 0'):
-            optim.decoupled_weight_decay(optim.adam_update, bad, [True])
+            optim.decoupled_weight_decay(optim.adam_update, bad, lambda i, w: True)
