@@ -215,6 +215,10 @@ def main(argv):
     paths = FLAGS.checkpoint or []
     if FLAGS.method == "model" and not paths:
         raise app.UsageError("--method=model needs --checkpoint")
+    if FLAGS.method != "model" and _adapt():
+        raise app.UsageError(f"--method={FLAGS.method} is a fixed rule with nothing to adapt: "
+                             "leave out --tta/--tta_queries/--finetune_steps/"
+                             "--transductive_steps (or use --method=model)")
     stored = []
     for path in paths:
         if not os.path.exists(path) and not os.path.exists(f"{path}.index"):

@@ -354,6 +354,21 @@ def test_bad_options_name_their_flag(options, match):
         adaptation.make_eval_step(apply, 3, **options)
 
 
+@pytest.mark.parametrize("method", ["nn", "class_mean"])
+@pytest.mark.parametrize("option", ["--tta=2", "--tta_queries", "--finetune_steps=1",
+                                    "--transductive_steps=1"])
+def test_fm_eval_refuses_adaptation_for_a_fixed_rule(method, option):
+    """A rule has no embedding or prototypes to adapt: the option is refused, not ignored."""
+    from absl import app, flags
+    from absl.testing import flagsaver
+    from benchmarks import evaluate
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["fm-eval", f"--method={method}", "--data=synthetic", option])
+        with pytest.raises(app.UsageError, match=f"--method={method} .*nothing to adapt"):
+            evaluate.main(["fm-eval"])
+
+
 @pytest.mark.slow
 def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
     from absl import app, flags
