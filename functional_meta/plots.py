@@ -212,7 +212,10 @@ def accuracy_by_instance(curves, path, title="Accuracy by instance (held-out cla
     ax.set_xlabel("instance")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize="small", loc="lower right")        # the curves rise from the left
+    if len(curves) + len(references or {}) <= 4:          # the curves rise from the left
+        ax.legend(fontsize="small", loc="lower right")
+    else:                                                 # beside the axes, not over the lines
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     ax.set_title(title)
     return _save(fig, path)
 
