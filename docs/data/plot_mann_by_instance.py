@@ -14,6 +14,7 @@ from functional_meta import plots
 HERE = Path(__file__).parent
 # The runs drawn (the CSV holds more: their earlier checkpoints).
 SHOWN = ("class-mean rule on the frozen ProtoNet features",
+         "mann with weight decay 0.1 seed 1 (step 10000)",
          "ensemble of 3 seeds of the heads-reading mann (step 10000)",
          "mann with heads reading the frozen features (step 10000)",
          "mann with frozen ProtoNet features alone (step 4000)",
