@@ -3,7 +3,6 @@ files (folders and zips), their errors, the round trip through ``save_episodes``
 ``--episodes``/``--save_episodes`` on a tiny trained ProtoNet and MAML."""
 
 import json
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -16,7 +15,6 @@ from functional_meta import data as data_lib
 from functional_meta import episodes as episodes_lib
 from functional_meta import fixed_episodes, nets, training
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 12
 PREP = fixed_episodes.Preprocessing(channels=1, image_size=SIZE, invert=True)
 
@@ -164,46 +162,53 @@ def test_saved_episodes_read_back_equal_and_score_the_same(tmp_path):
                                   fixed_episodes.score(evaluator, state, got)["accuracy"])
 
 
-def run_module(module, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run_binary(module, *argv):
+    """Runs a binary's main in this process (no interpreter and TensorFlow start per run) with
+    its flags parsed from ``argv``; returns what it printed (its JSON lines parsed)."""
+    from absl import flags
+    from absl.testing import flagsaver
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS([module.__name__, *argv])
+        module.main([module.__name__])
 
 
-def last_json(done):
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+def printed_json(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.slow
-def test_fm_eval_saves_episodes_rescores_them_and_scores_lake_runs(tmp_path):
+def test_fm_eval_saves_episodes_rescores_them_and_scores_lake_runs(tmp_path, capsys):
     """fm-eval --save_episodes then --episodes gives the same accuracy; Lake's 20-way runs score a
     ProtoNet and print the published figures; a 5-way MAML head is refused with the reason."""
+    from absl import app
+    from benchmarks import evaluate, train
     common = ["--data=synthetic", "--steps=2", "--log_every=1", "--val_every=0",
               "--checkpoint_every=2", "--channels=4"]
     proto, maml = tmp_path / "proto", tmp_path / "maml"
-    for done in (run_module("benchmarks.train", "--algorithm=protonet", "--n_way=5", "--q_query=2",
-                            f"--out_dir={proto}", *common),
-                 run_module("benchmarks.train", "--algorithm=maml", "--preset=maml_mnist_mlp",
-                            "--hidden=8", "--meta_batch=2", f"--out_dir={maml}", *common[:-1])):
-        assert done.returncode == 0, done.stderr[-2000:]
+    run_binary(train, "--algorithm=protonet", "--n_way=5", "--q_query=2", f"--out_dir={proto}",
+               *common)
+    run_binary(train, "--algorithm=maml", "--preset=maml_mnist_mlp", "--hidden=8",
+               "--meta_batch=2", f"--out_dir={maml}", *common[:-1])
+    assert (proto / "config.json").exists() and (maml / "config.json").exists()
     saved = tmp_path / "saved"
-    first = run_module("benchmarks.evaluate", f"--checkpoint={proto}", "--num_episodes=6",
-                       f"--save_episodes={saved}", "--json")
-    assert first.returncode == 0, first.stderr[-2000:]
+    capsys.readouterr()
+    run_binary(evaluate, f"--checkpoint={proto}", "--num_episodes=6", f"--save_episodes={saved}",
+               "--json")
+    first = printed_json(capsys.readouterr().out)
     assert len(list(saved.glob("episode0*"))) == 6 and (saved / "episodes.json").exists()
-    again = run_module("benchmarks.evaluate", f"--checkpoint={proto}", f"--episodes={saved}",
-                       "--json")
-    assert again.returncode == 0, again.stderr[-2000:]
-    a, b = last_json(first)[0], last_json(again)[0]
+    run_binary(evaluate, f"--checkpoint={proto}", f"--episodes={saved}", "--json")
+    a, b = first[0], printed_json(capsys.readouterr().out)[0]
     assert a["accuracy"] == b["accuracy"] and a["accuracy_ci95"] == b["accuracy_ci95"]
     # Lake's layout at 28 px (synthetic preprocessing: no inversion), 20 ways.
     lake = tmp_path / "all_runs"
     rng = np.random.default_rng(0)
     order = list(rng.permutation(20) + 1)
     write_lake(lake, runs=2, ways=20, order=[int(c) for c in order], rng=rng)
-    scored = run_module("benchmarks.evaluate", f"--checkpoint={proto}", f"--episodes={lake}")
-    assert scored.returncode == 0, scored.stderr[-2000:]
-    assert "run01" in scored.stdout and "mean error" in scored.stdout
-    assert "Bayesian program learning" in scored.stdout and "3.3%" in scored.stdout
-    refused = run_module("benchmarks.evaluate", f"--checkpoint={maml}", f"--episodes={lake}")
-    assert refused.returncode != 0
-    assert "20-way" in refused.stderr and "5 outputs" in refused.stderr
+    run_binary(evaluate, f"--checkpoint={proto}", f"--episodes={lake}")
+    scored = capsys.readouterr().out
+    assert "run01" in scored and "mean error" in scored
+    assert "Bayesian program learning" in scored and "3.3%" in scored
+    with pytest.raises(app.UsageError) as refused:
+        run_binary(evaluate, f"--checkpoint={maml}", f"--episodes={lake}")
+    assert "20-way" in str(refused.value) and "5 outputs" in str(refused.value)
