@@ -4,12 +4,12 @@ ProtoNet, the views of the queries, ensembles, transductive soft k-means against
 fine-tuning loss's gradient against finite differences (float64), inductive scoring, and
 fine-tuning that helps an under-trained model."""
 
-import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from _binaries import json_lines, run_binary
 from functional_meta import adaptation, data, episodes, nets, protonet
 
 SHAPE = (10, 10, 1)
@@ -359,60 +359,48 @@ def test_bad_options_name_their_flag(options, match):
                                     "--transductive_steps=1"])
 def test_fm_eval_refuses_adaptation_for_a_fixed_rule(method, option):
     """A rule has no embedding or prototypes to adapt: the option is refused, not ignored."""
-    from absl import app, flags
-    from absl.testing import flagsaver
+    from absl import app
     from benchmarks import evaluate
-    with flagsaver.flagsaver():
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["fm-eval", f"--method={method}", "--data=synthetic", option])
-        with pytest.raises(app.UsageError, match=f"--method={method} .*nothing to adapt"):
-            evaluate.main(["fm-eval"])
+    with pytest.raises(app.UsageError, match=f"--method={method} .*nothing to adapt"):
+        run_binary(evaluate, [f"--method={method}", "--data=synthetic", option])
 
 
 @pytest.mark.slow
 def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
-    from absl import app, flags
-    from absl.testing import flagsaver
+    from absl import app
     from benchmarks import evaluate, train
-
-    def run(module, argv):
-        with flagsaver.flagsaver():
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS([module.__name__] + argv)
-            module.main([module.__name__])
-    run(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
+    run_binary(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
                 "--channels=4", "--steps=1", "--val_every=0", "--checkpoint_every=1",
                 f"--out_dir={tmp_path}"])
     common = [f"--checkpoint={tmp_path}", "--n_way=3", "--num_episodes=2", "--q_query=2"]
     with pytest.raises(app.UsageError, match="--finetune_lr"):
-        run(evaluate, common + ["--finetune_steps=2", "--finetune_lr=0"])
+        run_binary(evaluate, common + ["--finetune_steps=2", "--finetune_lr=0"])
     capsys.readouterr()
-    run(evaluate, common + ["--finetune_steps=2", "--tta=3", "--bn=support"])
+    run_binary(evaluate, common + ["--finetune_steps=2", "--tta=3", "--bn=support"])
     assert "fine-tuned 2 steps at 0.01, 3 support views" in capsys.readouterr().out
     with pytest.raises(app.UsageError, match="--tta_queries"):
-        run(evaluate, common + ["--tta_queries"])
-    run(evaluate, common + ["--tta=2", "--tta_queries", "--bn=support"])
+        run_binary(evaluate, common + ["--tta_queries"])
+    run_binary(evaluate, common + ["--tta=2", "--tta_queries", "--bn=support"])
     assert "2 support views, queries too" in capsys.readouterr().out
     with pytest.raises(app.UsageError, match="--transductive_steps.*--finetune_steps"):
-        run(evaluate, common + ["--transductive_steps=2", "--finetune_steps=1"])
-    run(evaluate, common + ["--transductive_steps=2"])
+        run_binary(evaluate, common + ["--transductive_steps=2", "--finetune_steps=1"])
+    run_binary(evaluate, common + ["--transductive_steps=2"])
     out = capsys.readouterr().out
     assert "batch norm, prototypes refined 2 times by the queries (transductive))" in out
     with pytest.raises(app.UsageError, match="--ensemble needs"):
-        run(evaluate, common + ["--ensemble"])
+        run_binary(evaluate, common + ["--ensemble"])
     other = tmp_path / "other"
-    run(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
+    run_binary(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
                 "--channels=3", "--steps=1", "--val_every=0", "--checkpoint_every=1", "--seed=1",
                 f"--out_dir={other}"])
     capsys.readouterr()
     both = common + [f"--checkpoint={tmp_path},{other}", "--tta=2", "--json"]
 
     def printed():
-        return [json.loads(line) for line in capsys.readouterr().out.splitlines()
-                if line.startswith("{")]
-    run(evaluate, both)
+        return json_lines(capsys.readouterr().out)
+    run_binary(evaluate, both)
     apart = printed()
-    run(evaluate, both + ["--ensemble"])
+    run_binary(evaluate, both + ["--ensemble"])
     together = printed()
     assert [line["name"] for line in together[:2]] == [line["name"] for line in apart]
     for alone, member in zip(apart, together):     # the same episodes, the same figures

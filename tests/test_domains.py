@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from absl import app
 
+from _binaries import json_lines, run_binary
 from functional_meta import data, domains, episodes
 
 
@@ -240,19 +241,8 @@ def test_training_across_styles_beats_clean_only_training_on_a_held_out_style():
 # The binaries: fm-train --domains, fm-eval --test_domain
 
 
-def run_binary(module, argv):
-    """A binary's main in this process, with its flags parsed from ``argv`` and restored after."""
-    from absl import flags
-    from absl.testing import flagsaver
-    with flagsaver.flagsaver():
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS([module.__name__] + list(argv))
-        module.main([module.__name__])
-
-
 def eval_lines(capsys):
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines()
-            if line.startswith("{")]
+    return json_lines(capsys.readouterr().out)
 
 
 def test_fm_train_domains_and_fm_eval_test_domain_for_protonet(tmp_path, capsys):

@@ -2,8 +2,6 @@
 files (folders and zips), their errors, the round trip through ``save_episodes``, and fm-eval's
 ``--episodes``/``--save_episodes`` on a tiny trained ProtoNet and MAML."""
 
-import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _binaries import json_lines, run_binary
 from functional_meta import data as data_lib
 from functional_meta import episodes as episodes_lib
 from functional_meta import fixed_episodes, nets, training
@@ -162,21 +161,6 @@ def test_saved_episodes_read_back_equal_and_score_the_same(tmp_path):
                                   fixed_episodes.score(evaluator, state, got)["accuracy"])
 
 
-def run_binary(module, *argv):
-    """Runs a binary's main in this process (no interpreter and TensorFlow start per run) with
-    its flags parsed from ``argv``; returns what it printed (its JSON lines parsed)."""
-    from absl import flags
-    from absl.testing import flagsaver
-    with flagsaver.flagsaver():
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS([module.__name__, *argv])
-        module.main([module.__name__])
-
-
-def printed_json(out):
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
 @pytest.mark.slow
 def test_fm_eval_saves_episodes_rescores_them_and_scores_lake_runs(tmp_path, capsys):
     """fm-eval --save_episodes then --episodes gives the same accuracy; Lake's 20-way runs score a
@@ -186,29 +170,29 @@ def test_fm_eval_saves_episodes_rescores_them_and_scores_lake_runs(tmp_path, cap
     common = ["--data=synthetic", "--steps=2", "--log_every=1", "--val_every=0",
               "--checkpoint_every=2", "--channels=4"]
     proto, maml = tmp_path / "proto", tmp_path / "maml"
-    run_binary(train, "--algorithm=protonet", "--n_way=5", "--q_query=2", f"--out_dir={proto}",
-               *common)
-    run_binary(train, "--algorithm=maml", "--preset=maml_mnist_mlp", "--hidden=8",
-               "--meta_batch=2", f"--out_dir={maml}", *common[:-1])
+    run_binary(train, ["--algorithm=protonet", "--n_way=5", "--q_query=2", f"--out_dir={proto}",
+                       *common])
+    run_binary(train, ["--algorithm=maml", "--preset=maml_mnist_mlp", "--hidden=8",
+                       "--meta_batch=2", f"--out_dir={maml}", *common[:-1]])
     assert (proto / "config.json").exists() and (maml / "config.json").exists()
     saved = tmp_path / "saved"
     capsys.readouterr()
-    run_binary(evaluate, f"--checkpoint={proto}", "--num_episodes=6", f"--save_episodes={saved}",
-               "--json")
-    first = printed_json(capsys.readouterr().out)
+    run_binary(evaluate, [f"--checkpoint={proto}", "--num_episodes=6",
+                          f"--save_episodes={saved}", "--json"])
+    first = json_lines(capsys.readouterr().out)
     assert len(list(saved.glob("episode0*"))) == 6 and (saved / "episodes.json").exists()
-    run_binary(evaluate, f"--checkpoint={proto}", f"--episodes={saved}", "--json")
-    a, b = first[0], printed_json(capsys.readouterr().out)[0]
+    run_binary(evaluate, [f"--checkpoint={proto}", f"--episodes={saved}", "--json"])
+    a, b = first[0], json_lines(capsys.readouterr().out)[0]
     assert a["accuracy"] == b["accuracy"] and a["accuracy_ci95"] == b["accuracy_ci95"]
     # Lake's layout at 28 px (synthetic preprocessing: no inversion), 20 ways.
     lake = tmp_path / "all_runs"
     rng = np.random.default_rng(0)
     order = list(rng.permutation(20) + 1)
     write_lake(lake, runs=2, ways=20, order=[int(c) for c in order], rng=rng)
-    run_binary(evaluate, f"--checkpoint={proto}", f"--episodes={lake}")
+    run_binary(evaluate, [f"--checkpoint={proto}", f"--episodes={lake}"])
     scored = capsys.readouterr().out
     assert "run01" in scored and "mean error" in scored
     assert "Bayesian program learning" in scored and "3.3%" in scored
     with pytest.raises(app.UsageError) as refused:
-        run_binary(evaluate, f"--checkpoint={maml}", f"--episodes={lake}")
+        run_binary(evaluate, [f"--checkpoint={maml}", f"--episodes={lake}"])
     assert "20-way" in str(refused.value) and "5 outputs" in str(refused.value)

@@ -8,7 +8,7 @@ from absl import app
 
 from benchmarks import evaluate, train
 from functional_meta import presets
-from test_training import run_binary as _run
+from _binaries import run_binary as _run
 from test_within_group import _write_folder
 
 

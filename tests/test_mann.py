@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import app, flags
 from absl.testing import flagsaver
 
+from _binaries import run_binary
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
 from functional_meta import (checkpoints, configs, data, episodes, mann, nets, optim, sequences,
@@ -22,7 +23,6 @@ from functional_meta import (checkpoints, configs, data, episodes, mann, nets, o
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
 SMALL1 = ['Balinese', 'Early_Aramaic', 'Greek', 'Korean', 'Latin']
 NEW_IN_SMALL2 = ['Japanese_(katakana)', 'Sanskrit', 'Tagalog']
-FLAGS = flags.FLAGS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,14 +752,6 @@ def test_weight_decay_shrinks_the_kernels_only_and_never_a_frozen_encoder(tmp_pa
 
 # ---------------------------------------------------------------------------------------------
 # The binaries
-
-
-def run_binary(module, argv):
-    """A binary's main in this process, with its flags parsed from ``argv`` and restored after."""
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS([module.__name__] + list(argv))
-        module.main([module.__name__])
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from benchmarks import train as train_bin
 from functional_meta import flops, maml, nets, presets, protonet
 from test_benchmarks import _tasks, compiled_flops
 from test_maml import directional_check
-from test_training import json_lines, run_binary
+from _binaries import json_lines, run_binary
 
 F64 = tf.float64
 TINY = (3, 4, 2, 5)              # widths of the small networks below

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import app, flags
-from absl.testing import flagsaver
 
+from _binaries import json_lines, run_binary
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
 from functional_meta import (checkpoints, configs, data, episodes, metrics, plots, presets,
@@ -26,19 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
 SMALL1 = ['Balinese', 'Early_Aramaic', 'Greek', 'Korean', 'Latin']
 NEW_IN_SMALL2 = ['Japanese_(katakana)', 'Sanskrit', 'Tagalog']
-FLAGS = flags.FLAGS
-
-
-def run_binary(module, argv):
-    """A binary's main in this process, with its flags parsed from ``argv`` and restored after."""
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS([module.__name__] + list(argv))
-        module.main([module.__name__])
-
-
-def json_lines(text):
-    return [json.loads(line) for line in text.splitlines() if line.startswith('{')]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +286,6 @@ def test_maml_resume_repeats_the_uninterrupted_losses(tmp_path, options, op_dete
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     steps = [r['step'] for r in plots.read_history(tmp_path / 'b' / training.HISTORY_FILE)[0]]
     assert steps == [1, 2, 3, 4, 5, 6]
-
 
 
 def _scalar_events(folder):

@@ -3,12 +3,9 @@ every class of an episode from one group, small groups skipped, an error when no
 
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 
+from _binaries import run_binary
 from functional_meta import data, episodes, training
-
-FLAGS = flags.FLAGS
 
 
 def _grouped(sizes, per_class=4):
@@ -95,14 +92,6 @@ def _write_folder(root, sizes):
             for i in range(4):
                 png = tf.io.encode_png(rng.integers(0, 255, (28, 28, 1), dtype=np.uint8))
                 (folder / f"{i}.png").write_bytes(png.numpy())
-
-
-def run_binary(module, argv):
-    """A binary's main in this process, with its flags parsed from ``argv`` and restored after."""
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS([module.__name__] + list(argv))
-        module.main([module.__name__])
 
 
 def test_fm_eval_flag_scores_within_groups_and_errors_before_any_model(tmp_path, capsys):
