@@ -4,7 +4,6 @@ ProtoNet, the views of the queries, ensembles, transductive soft k-means against
 fine-tuning loss's gradient against finite differences (float64), inductive scoring, and
 fine-tuning that helps an under-trained model."""
 
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -370,8 +369,8 @@ def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
     from absl import app
     from benchmarks import evaluate, train
     run_binary(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
-                "--channels=4", "--steps=1", "--val_every=0", "--checkpoint_every=1",
-                f"--out_dir={tmp_path}"])
+                       "--channels=4", "--steps=1", "--val_every=0", "--checkpoint_every=1",
+                       f"--out_dir={tmp_path}"])
     common = [f"--checkpoint={tmp_path}", "--n_way=3", "--num_episodes=2", "--q_query=2"]
     with pytest.raises(app.UsageError, match="--finetune_lr"):
         run_binary(evaluate, common + ["--finetune_steps=2", "--finetune_lr=0"])
@@ -391,8 +390,8 @@ def test_fm_eval_finetune_and_tta_flags(tmp_path, capsys):
         run_binary(evaluate, common + ["--ensemble"])
     other = tmp_path / "other"
     run_binary(train, ["--algorithm=protonet", "--data=synthetic", "--n_way=5", "--q_query=2",
-                "--channels=3", "--steps=1", "--val_every=0", "--checkpoint_every=1", "--seed=1",
-                f"--out_dir={other}"])
+                       "--channels=3", "--steps=1", "--val_every=0", "--checkpoint_every=1",
+                       "--seed=1", f"--out_dir={other}"])
     capsys.readouterr()
     both = common + [f"--checkpoint={tmp_path},{other}", "--tta=2", "--json"]
 

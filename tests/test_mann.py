@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import app, flags
 from absl.testing import flagsaver
 
-from _binaries import run_binary
+from _binaries import json_lines, run_binary
 from benchmarks import evaluate as eval_bin
 from benchmarks import train as train_bin
 from functional_meta import (checkpoints, configs, data, episodes, mann, nets, optim, sequences,
@@ -781,7 +781,7 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
     out = capsys.readouterr().out
     assert 'sequences of 3 classes x 4 instances' in out and '30 episodes' in out
     assert re.search(r'by instance: 1st [01]\.\d{4} ± [01]\.\d{4}  2nd .* 4th ', out), out
-    record = [json.loads(line) for line in out.splitlines() if line.startswith('{')][0]
+    record = json_lines(out)[0]
     assert record['num_episodes'] == 30 and 0 <= record['instance_1'] <= 1
     rows = (tmp_path / 'by_instance.csv').read_text().splitlines()
     assert rows[0] == 'model,instance,accuracy,ci95' and len(rows) == 1 + 4
@@ -806,7 +806,7 @@ def test_fm_train_resumes_and_fm_eval_reports_and_plots_by_instance(tmp_path, ca
                           f'--plot_instances={plot}'])
     out = capsys.readouterr().out
     assert 'ensemble of 2 lstm checkpoints: accuracy' in out and out.count('by instance:') == 3
-    records = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+    records = json_lines(out)
     assert len(records) == 3 and records[2]['name'] == 'ensemble of 2 lstm checkpoints'
     for key in ('accuracy', 'instance_1', 'instance_4'):
         assert records[0][key] == records[1][key] == records[2][key]
@@ -932,7 +932,7 @@ def test_fm_mann_bench_times_the_encoder_model():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'encoder of 4 filters, 2 sequences of 50 steps' in result.stdout
-    line = json.loads(next(x for x in result.stdout.splitlines() if x.startswith('{')))
+    line = json_lines(result.stdout)[0]
     assert line['config']['encoder_channels'] == 4 and line['config']['meta_batch'] == 2
     bad = subprocess.run([sys.executable, '-m', 'benchmarks.mann_bench', '--encoder_channels=-1'],
                          cwd=root, capture_output=True, text=True, timeout=300)
